@@ -1,0 +1,33 @@
+"""The `hfgpt` command. Each subcommand is a `main(argv)` function living next to the code it drives."""
+
+import importlib
+import sys
+
+# name -> (module, function, one-line help). Modules are imported only when their subcommand runs.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS), default=0)
+    lines = ["usage: hfgpt <command> [arguments]   (hfgpt <command> --help for its arguments)", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"hfgpt: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, function_name, _ = COMMANDS[name]
+    function = getattr(importlib.import_module(module_name), function_name)
+    return function(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

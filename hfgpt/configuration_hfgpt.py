@@ -1,0 +1,214 @@
+"""HFGPTConfig: every architecture switch of hfgpt, validated at construction.
+
+This file imports only transformers, so that `save_pretrained` can ship it next to the weights as remote code.
+"""
+
+from transformers import PreTrainedConfig
+
+POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal", "rope")
+NORM_TYPES = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+HIDDEN_ACTS = ("gelu", "gelu_new", "relu", "swiglu")
+
+_GPT2 = dict(vocab_size=50257, max_position_embeddings=1024, bos_token_id=50256, eos_token_id=50256,
+             hidden_act="gelu_new", bias=True, tie_word_embeddings=True)
+
+# Named shapes. `tiny` is for tests; `small` trains on a laptop CPU; the gpt2-* presets match OpenAI's GPT-2 shapes;
+# `modern` is the same 124M budget with the choices later models settled on (RoPE, RMSNorm, SwiGLU, GQA, no biases).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=128),
+    "small": dict(vocab_size=8192, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
+                  max_position_embeddings=256),
+    "gpt2": dict(_GPT2, hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
+    "gpt2-medium": dict(_GPT2, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16),
+    "gpt2-large": dict(_GPT2, hidden_size=1280, num_hidden_layers=36, num_attention_heads=20),
+    "gpt2-xl": dict(_GPT2, hidden_size=1600, num_hidden_layers=48, num_attention_heads=25),
+    "modern": dict(vocab_size=50257, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                   num_key_value_heads=4, max_position_embeddings=2048, position_embedding_type="rope",
+                   norm_type="rmsnorm", hidden_act="swiglu", bias=False, tie_word_embeddings=True),
+    "modern-tiny": dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=128, position_embedding_type="rope",
+                        norm_type="rmsnorm", hidden_act="swiglu", bias=False),
+}
+
+
+def _check_choice(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, allowed))}.")
+
+
+def _check_probability(name: str, value) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}={value!r} must be a probability in [0, 1).")
+
+
+class HFGPTConfig(PreTrainedConfig):
+    r"""Configuration of an hfgpt model. The defaults are GPT-2 small (124M).
+
+    Args:
+        vocab_size: number of tokens in the vocabulary.
+        hidden_size (`n_embd`): width of the residual stream.
+        num_hidden_layers (`n_layer`): number of decoder blocks.
+        num_attention_heads (`n_head`): number of query heads.
+        num_key_value_heads: key/value heads; fewer than `num_attention_heads` is grouped-query attention,
+            1 is multi-query attention. Defaults to `num_attention_heads`.
+        intermediate_size (`n_inner`): hidden width of the MLP. Defaults to 4 * hidden_size, or for SwiGLU to
+            8/3 * hidden_size rounded up to a multiple of 64 (same parameter count as the 4x GELU MLP).
+        max_position_embeddings (`n_positions`): the longest sequence the model accepts.
+        position_embedding_type: "learned" (GPT-2), "sinusoidal" (the original Transformer) or "rope" (rotary).
+        rope_theta: base of the rotary frequencies.
+        norm_type: "layernorm" or "rmsnorm".
+        norm_position: "pre" (GPT-2 and later: norm inside the residual branch) or "post" (the original Transformer:
+            norm after the residual addition).
+        norm_eps: epsilon of the normalisation layers.
+        hidden_act: "gelu" (exact), "gelu_new" (GPT-2's tanh approximation), "relu" or "swiglu" (gated MLP).
+        bias: whether linear layers and LayerNorm carry biases.
+        embedding_dropout, attention_dropout, residual_dropout: dropout probabilities.
+        initializer_range: standard deviation of the normal initialisation; residual output projections are further
+            scaled by 1/sqrt(2 * num_hidden_layers) as in GPT-2.
+        tie_word_embeddings: share the input embedding and the output projection.
+        classifier_dropout: dropout before the sequence-classification head.
+    """
+
+    model_type = "hfgpt"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {
+        "n_embd": "hidden_size",
+        "n_layer": "num_hidden_layers",
+        "n_head": "num_attention_heads",
+        "n_positions": "max_position_embeddings",
+        "n_inner": "intermediate_size",
+    }
+
+    def __init__(
+        self,
+        vocab_size: int = 50257,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        num_key_value_heads: int | None = None,
+        intermediate_size: int | None = None,
+        max_position_embeddings: int = 1024,
+        position_embedding_type: str = "learned",
+        rope_theta: float = 10000.0,
+        norm_type: str = "layernorm",
+        norm_position: str = "pre",
+        norm_eps: float = 1e-5,
+        hidden_act: str = "gelu_new",
+        bias: bool = True,
+        embedding_dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        residual_dropout: float = 0.0,
+        classifier_dropout: float = 0.0,
+        initializer_range: float = 0.02,
+        use_cache: bool = True,
+        tie_word_embeddings: bool = True,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        **kwargs,
+    ):
+        # GPT-2 spellings passed as keywords win over the defaults above.
+        hidden_size = kwargs.pop("n_embd", hidden_size)
+        num_hidden_layers = kwargs.pop("n_layer", num_hidden_layers)
+        num_attention_heads = kwargs.pop("n_head", num_attention_heads)
+        max_position_embeddings = kwargs.pop("n_positions", max_position_embeddings)
+        intermediate_size = kwargs.pop("n_inner", intermediate_size)
+
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.max_position_embeddings = max_position_embeddings
+        self.position_embedding_type = position_embedding_type
+        self.rope_theta = float(rope_theta)
+        self.norm_type = norm_type
+        self.norm_position = norm_position
+        self.norm_eps = norm_eps
+        self.hidden_act = hidden_act
+        self.bias = bias
+        self.embedding_dropout = embedding_dropout
+        self.attention_dropout = attention_dropout
+        self.residual_dropout = residual_dropout
+        self.classifier_dropout = classifier_dropout
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        self.tie_word_embeddings = tie_word_embeddings
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        if intermediate_size is None:
+            intermediate_size = self.default_intermediate_size(hidden_size, hidden_act)
+        self.intermediate_size = intermediate_size
+        super().__init__(**kwargs)
+        self.validate()
+
+    @staticmethod
+    def default_intermediate_size(hidden_size: int, hidden_act: str) -> int:
+        if hidden_act == "swiglu":  # three matrices instead of two: 2/3 of the width keeps the parameter count
+            return 64 * -(-8 * hidden_size // 3 // 64)
+        return 4 * hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the bad value and what is allowed. Called at construction."""
+        _check_choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
+        _check_choice("norm_type", self.norm_type, NORM_TYPES)
+        _check_choice("norm_position", self.norm_position, NORM_POSITIONS)
+        _check_choice("hidden_act", self.hidden_act, HIDDEN_ACTS)
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "intermediate_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}; "
+                f"pick a head count that divides it (e.g. {_divisors_near(self.hidden_size, self.num_attention_heads)})."
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"num_key_value_heads={self.num_key_value_heads}; each key/value head must serve a whole group of "
+                "query heads."
+            )
+        if self.position_embedding_type != "learned" and self.head_dim % 2:
+            raise ValueError(
+                f"{self.position_embedding_type} positions need an even head_dim, got "
+                f"hidden_size/num_attention_heads={self.head_dim}."
+            )
+        if self.position_embedding_type == "sinusoidal" and self.hidden_size % 2:
+            raise ValueError(f"sinusoidal positions need an even hidden_size, got {self.hidden_size}.")
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta={self.rope_theta} must be positive.")
+        for name in ("embedding_dropout", "attention_dropout", "residual_dropout", "classifier_dropout"):
+            _check_probability(name, getattr(self, name))
+        if self.initializer_range <= 0:
+            raise ValueError(f"initializer_range={self.initializer_range} must be positive.")
+        if self.norm_eps <= 0:
+            raise ValueError(f"norm_eps={self.norm_eps} must be positive.")
+
+    @classmethod
+    def presets(cls) -> list[str]:
+        """Names accepted by `from_preset`."""
+        return list(PRESETS)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "HFGPTConfig":
+        """A config from a named shape, e.g. `HFGPTConfig.from_preset("gpt2", vocab_size=8192)`."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; available presets: {', '.join(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+def _divisors_near(n: int, target: int) -> str:
+    divisors = sorted((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - target))
+    return ", ".join(str(d) for d in sorted(divisors[:3]))
+
+
+__all__ = ["HFGPTConfig"]

@@ -1,0 +1,50 @@
+"""The one place that knows the names and formats of the files hfgpt writes into a model directory.
+
+A model directory (the output of every training script, the input of every eval script and of the model card) holds:
+
+    config.json, model.safetensors, generation_config.json   transformers' own files
+    configuration_hfgpt.py, modeling_hfgpt.py                the code for `trust_remote_code=True`
+    tokenizer.json, tokenizer_config.json, chat_template.jinja  the tokenizer
+    training_summary.json   what the training script did: task, data, hyper-parameters, final metrics, wall time
+    log_history.json / log_history.csv   every logged step (loss, learning rate, eval loss)
+    loss_curve.png          the training and validation loss against steps
+    eval_results.json       {"perplexity": {...}, "rouge": {...}, "classification": {...}}, one key per eval script
+    README.md               the model card
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+TRAINING_SUMMARY = "training_summary.json"
+LOG_HISTORY_JSON = "log_history.json"
+LOG_HISTORY_CSV = "log_history.csv"
+LOSS_CURVE = "loss_curve.png"
+EVAL_RESULTS = "eval_results.json"
+MODEL_CARD = "README.md"
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write JSON atomically (temp file + rename), so a crash never leaves a half-written file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: str | os.PathLike, default: Any = None) -> Any:
+    path = Path(path)
+    if not path.exists():
+        return default
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def update_eval_results(model_dir: str | os.PathLike, name: str, results: dict) -> Path:
+    """Merge one eval script's results into <model_dir>/eval_results.json under `name`."""
+    path = Path(model_dir) / EVAL_RESULTS
+    all_results = read_json(path, default={})
+    all_results[name] = results
+    return write_json(path, all_results)
