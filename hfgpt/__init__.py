@@ -1,6 +1,43 @@
-"""hfgpt: a GPT written from scratch in PyTorch, shipped as a native Hugging Face transformers model."""
+"""hfgpt: a GPT written from scratch in PyTorch, shipped as a native Hugging Face transformers model.
+
+Importing hfgpt registers the config and the three heads with the Auto classes, and marks them so that
+`save_pretrained` copies the modelling code next to the weights (for `trust_remote_code=True` where hfgpt is not
+installed).
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+)
 
 from .configuration_hfgpt import HFGPTConfig
+from .modeling_hfgpt import (
+    HFGPTForCausalLM,
+    HFGPTForSequenceClassification,
+    HFGPTModel,
+    HFGPTPreTrainedModel,
+)
 
 __version__ = "0.1.0"
-__all__ = ["HFGPTConfig"]
+
+_AUTO_CLASSES = {
+    AutoModel: HFGPTModel,
+    AutoModelForCausalLM: HFGPTForCausalLM,
+    AutoModelForSequenceClassification: HFGPTForSequenceClassification,
+}
+
+AutoConfig.register(HFGPTConfig.model_type, HFGPTConfig, exist_ok=True)
+HFGPTConfig.register_for_auto_class()
+for auto_class, model_class in _AUTO_CLASSES.items():
+    auto_class.register(HFGPTConfig, model_class, exist_ok=True)
+    model_class.register_for_auto_class(auto_class.__name__)
+
+__all__ = [
+    "HFGPTConfig",
+    "HFGPTPreTrainedModel",
+    "HFGPTModel",
+    "HFGPTForCausalLM",
+    "HFGPTForSequenceClassification",
+]

@@ -15,6 +15,15 @@ _GPT2 = dict(vocab_size=50257, max_position_embeddings=1024, bos_token_id=50256,
 
 # Named shapes. `tiny` is for tests; `small` trains on a laptop CPU; the gpt2-* presets match OpenAI's GPT-2 shapes;
 # `modern` is the same 124M budget with the choices later models settled on (RoPE, RMSNorm, SwiGLU, GQA, no biases).
+# Where the Auto classes find our code when the model is loaded with trust_remote_code=True (the files are copied
+# next to the weights by save_pretrained). All heads are listed, whichever head was saved.
+AUTO_MAP = {
+    "AutoConfig": "configuration_hfgpt.HFGPTConfig",
+    "AutoModel": "modeling_hfgpt.HFGPTModel",
+    "AutoModelForCausalLM": "modeling_hfgpt.HFGPTForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_hfgpt.HFGPTForSequenceClassification",
+}
+
 PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=128),
@@ -142,6 +151,7 @@ class HFGPTConfig(PreTrainedConfig):
         if intermediate_size is None:
             intermediate_size = self.default_intermediate_size(hidden_size, hidden_act)
         self.intermediate_size = intermediate_size
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(**kwargs)
         self.validate()
 

@@ -1,0 +1,556 @@
+"""The hfgpt model: a GPT decoder written from scratch, as a native transformers model.
+
+Reading order: positions (learned / sinusoidal / rotary) -> norms -> attention -> MLP -> block -> HFGPTModel (the
+stack) -> the heads (causal LM, sequence classification).
+
+This file imports only torch, transformers and its own config, so that `save_pretrained` can ship it unchanged as
+remote code (`trust_remote_code=True`) for machines where hfgpt is not installed.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.utils import can_return_tuple
+
+from .configuration_hfgpt import HFGPTConfig
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Positions
+
+
+def sinusoidal_table(num_positions: int, dim: int) -> torch.Tensor:
+    """The fixed position table of 'Attention Is All You Need': sin on even channels, cos on odd ones."""
+    position = torch.arange(num_positions, dtype=torch.float32)[:, None]
+    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(num_positions, dim)
+    table[:, 0::2] = torch.sin(position * inv_freq)
+    table[:, 1::2] = torch.cos(position * inv_freq)
+    return table
+
+
+class HFGPTSinusoidalPositions(nn.Module):
+    """Adds nothing learnable: looks positions up in a fixed table (a non-persistent buffer, rebuilt at init)."""
+
+    def __init__(self, config: HFGPTConfig):
+        super().__init__()
+        self.num_positions, self.dim = config.max_position_embeddings, config.hidden_size
+        self.register_buffer("table", sinusoidal_table(self.num_positions, self.dim), persistent=False)
+
+    def forward(self, position_ids: torch.LongTensor) -> torch.Tensor:
+        return F.embedding(position_ids, self.table)
+
+
+def rope_inverse_frequencies(config: HFGPTConfig) -> torch.Tensor:
+    dim = config.head_dim
+    return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+
+class HFGPTRotaryEmbedding(nn.Module):
+    """Rotary position embedding (Su et al., 2021): returns the cos/sin that rotate queries and keys by position."""
+
+    def __init__(self, config: HFGPTConfig):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq  # (batch, seq, head_dim / 2)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Norms
+
+
+class HFGPTRMSNorm(nn.Module):
+    """RMSNorm (Zhang and Sennrich, 2019): scale by the root mean square, no centring, no bias."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()  # the mean of squares overflows in half precision
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(config: HFGPTConfig) -> nn.Module:
+    if config.norm_type == "rmsnorm":
+        return HFGPTRMSNorm(config.hidden_size, eps=config.norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.bias)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Attention
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(batch, kv_heads, seq, dim) -> (batch, kv_heads * n_rep, seq, dim): each kv head serves n_rep query heads."""
+    if n_rep == 1:
+        return x
+    batch, kv_heads, seq, dim = x.shape
+    return x[:, :, None].expand(batch, kv_heads, n_rep, seq, dim).reshape(batch, kv_heads * n_rep, seq, dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention written out: softmax(q k^T * scale + mask) v. The reference the fused kernels must agree with."""
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:  # additive mask from create_causal_mask: 0 where allowed, -inf-ish elsewhere
+        scores = scores + attention_mask
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (batch, seq, heads, head_dim)
+    return output, weights
+
+
+class HFGPTAttention(nn.Module):
+    """Causal self-attention with optional grouped-query attention (num_key_value_heads < num_attention_heads).
+
+    The kernel (eager, sdpa, flash, flex...) is chosen by `config._attn_implementation` through transformers'
+    attention interface; every kernel sees the same (batch, heads, seq, head_dim) tensors and mask.
+    """
+
+    def __init__(self, config: HFGPTConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx  # which slot of the KV cache is ours
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        heads_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(heads_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(heads_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(heads_shape).transpose(1, 2)
+
+        if position_embeddings is not None:  # rotary: positions enter by rotating q and k, not the residual stream
+            query, key = apply_rotary(query, key, *position_embeddings)
+        if past_key_values is not None:  # append this step's keys/values, get back the whole history
+            key, value = past_key_values.update(key, value, self.layer_idx)
+
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, weights = attention(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return self.o_proj(output.reshape(*input_shape, -1)), weights
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MLP
+
+
+class HFGPTMLP(nn.Module):
+    """Position-wise feed-forward: down(act(up(x))), or with SwiGLU (Shazeer, 2020) down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: HFGPTConfig):
+        super().__init__()
+        self.gated = config.hidden_act == "swiglu"
+        if self.gated:
+            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.bias)
+        self.act = ACT2FN["silu" if self.gated else config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Block
+
+
+class HFGPTBlock(GradientCheckpointingLayer):
+    """One decoder block: attention then MLP, each a residual branch.
+
+    pre-norm (GPT-2 onwards):     x = x + drop(attn(ln_1(x)));   x = x + drop(mlp(ln_2(x)))
+    post-norm (original paper):   x = ln_1(x + drop(attn(x)));   x = ln_2(x + drop(mlp(x)))
+    """
+
+    def __init__(self, config: HFGPTConfig, layer_idx: int):
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.ln_1 = make_norm(config)
+        self.attn = HFGPTAttention(config, layer_idx)
+        self.ln_2 = make_norm(config)
+        self.mlp = HFGPTMLP(config)
+        self.dropout = nn.Dropout(config.residual_dropout)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = hidden_states
+        if self.pre_norm:
+            attn_out, weights = self.attn(self.ln_1(x), attention_mask, position_embeddings, past_key_values, **kwargs)
+            x = x + self.dropout(attn_out)
+            x = x + self.dropout(self.mlp(self.ln_2(x)))
+        else:
+            attn_out, weights = self.attn(x, attention_mask, position_embeddings, past_key_values, **kwargs)
+            x = self.ln_1(x + self.dropout(attn_out))
+            x = self.ln_2(x + self.dropout(self.mlp(x)))
+        return x, weights
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The stack
+
+
+class HFGPTPreTrainedModel(PreTrainedModel):
+    config_class = HFGPTConfig
+    config: HFGPTConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HFGPTBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)  # normal(0, initializer_range) for Linear/Embedding, ones/zeros for norms
+        if isinstance(module, (HFGPTAttention, HFGPTMLP)):
+            # GPT-2: scale the projections that write into the residual stream by 1/sqrt(number of residual branches),
+            # so the stream's variance does not grow with depth.
+            projection = module.o_proj if isinstance(module, HFGPTAttention) else module.down_proj
+            std = self.config.initializer_range / math.sqrt(2 * self.config.num_hidden_layers)
+            init.normal_(projection.weight, mean=0.0, std=std)
+        elif isinstance(module, HFGPTRotaryEmbedding):  # fixed tables are not in the checkpoint: rebuild them
+            init.copy_(module.inv_freq, rope_inverse_frequencies(self.config))
+        elif isinstance(module, HFGPTSinusoidalPositions):
+            init.copy_(module.table, sinusoidal_table(module.num_positions, module.dim))
+
+
+class HFGPTModel(HFGPTPreTrainedModel):
+    """Token (+ position) embeddings, `num_hidden_layers` blocks, final norm. Returns the last hidden states."""
+
+    def __init__(self, config: HFGPTConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wpe = None
+        self.rotary_emb = None
+        if config.position_embedding_type == "learned":
+            self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        elif config.position_embedding_type == "sinusoidal":
+            self.wpe = HFGPTSinusoidalPositions(config)
+        else:
+            self.rotary_emb = HFGPTRotaryEmbedding(config)
+        self.drop = nn.Dropout(config.embedding_dropout)
+        self.h = nn.ModuleList(HFGPTBlock(config, i) for i in range(config.num_hidden_layers))
+        # post-norm blocks already end in a norm; a final one would only add a redundant layer
+        self.ln_f = make_norm(config) if config.norm_position == "pre" else nn.Identity()
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.wte = value
+
+    def _check_length(self, past_length, new_length: int) -> None:
+        if self.config.position_embedding_type == "rope" or torch.compiler.is_compiling():
+            return  # rotary positions have no table to run off the end of
+        if int(past_length) + new_length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"The input reaches position {int(past_length) + new_length}, but this model has "
+                f"{self.config.position_embedding_type} positions for max_position_embeddings="
+                f"{self.config.max_position_embeddings} tokens. Truncate the input (tokenizer(..., truncation=True, "
+                f"max_length={self.config.max_position_embeddings})) or generate fewer tokens."
+            )
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        if output_attentions and self.config._attn_implementation != "eager":
+            raise ValueError(
+                f"output_attentions=True needs the eager attention, but this model uses "
+                f"{self.config._attn_implementation!r}; load it with attn_implementation='eager' "
+                "or call model.set_attn_implementation('eager')."
+            )
+        # A cache only helps generation; during training it would also hide packed documents from the mask.
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        self._check_length(past_length, inputs_embeds.shape[1])
+        if position_ids is None:
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_length
+            position_ids = position_ids.unsqueeze(0)
+
+        hidden_states = inputs_embeds
+        position_embeddings = None
+        if self.wpe is not None:
+            hidden_states = hidden_states + self.wpe(position_ids)
+        else:
+            position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        hidden_states = self.drop(hidden_states)
+
+        # One mask for all layers: causal + padding + (with restarting position_ids and no cache) packed documents.
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+
+        all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for block in self.h:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states, weights = block(
+                hidden_states,
+                attention_mask=mask,
+                position_embeddings=position_embeddings,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+            if output_attentions:
+                all_attentions += (weights,)
+        hidden_states = self.ln_f(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Heads
+
+
+class HFGPTForCausalLM(HFGPTPreTrainedModel, GenerationMixin):
+    """The language model: the stack plus a projection to vocabulary logits (tied to the token embedding)."""
+
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: HFGPTConfig):
+        super().__init__(config)
+        self.transformer = HFGPTModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""`labels` are the input ids themselves (shifted inside the loss), -100 where no loss is wanted.
+        `num_items_in_batch` (passed by Trainer through **kwargs) makes the loss a per-token mean over the whole
+        accumulated batch. `logits_to_keep=k` computes logits for the last k positions only (generation needs 1)."""
+        if labels is not None and use_cache is None:
+            use_cache = False  # computing a loss needs no cache
+        outputs: BaseModelOutputWithPast = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class HFGPTForSequenceClassification(HFGPTPreTrainedModel):
+    """Classifies a sequence from the hidden state of its last real (non-padding) token, which has seen it all."""
+
+    def __init__(self, config: HFGPTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = HFGPTModel(config)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def _last_token_index(self, input_ids, attention_mask, batch_size: int, seq_len: int, device) -> torch.Tensor:
+        positions = torch.arange(seq_len, device=device)
+        if attention_mask is not None:  # rightmost attended position: right- and left-padding alike
+            return (positions * attention_mask.to(device=device, dtype=positions.dtype)).argmax(-1)
+        if self.config.pad_token_id is not None and input_ids is not None:
+            return (positions * (input_ids != self.config.pad_token_id).to(positions.dtype)).argmax(-1)
+        if batch_size > 1:
+            raise ValueError(
+                "Cannot find the last token of each row in a batch of more than one sequence: pass the "
+                "attention_mask from the tokenizer, or set config.pad_token_id (e.g. model.config.pad_token_id = "
+                "tokenizer.pad_token_id)."
+            )
+        return torch.full((batch_size,), seq_len - 1, device=device)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        outputs: BaseModelOutputWithPast = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=False if use_cache is None else use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        batch_size, seq_len = hidden_states.shape[:2]
+        last = self._last_token_index(input_ids, attention_mask, batch_size, seq_len, hidden_states.device)
+        pooled = hidden_states[torch.arange(batch_size, device=hidden_states.device), last]
+        logits = self.score(self.dropout(pooled))
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
+
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = [
+    "HFGPTPreTrainedModel",
+    "HFGPTModel",
+    "HFGPTForCausalLM",
+    "HFGPTForSequenceClassification",
+]
