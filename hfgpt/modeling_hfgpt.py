@@ -357,6 +357,7 @@ class HFGPTModel(HFGPTPreTrainedModel):
         # A cache only helps generation; during training it would also hide packed documents from the mask.
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
+        cache_from_caller = past_key_values
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
 
@@ -376,12 +377,14 @@ class HFGPTModel(HFGPTPreTrainedModel):
             position_embeddings = self.rotary_emb(hidden_states, position_ids)
         hidden_states = self.drop(hidden_states)
 
-        # One mask for all layers: causal + padding + (with restarting position_ids and no cache) packed documents.
+        # One mask for all layers: causal + padding + packed documents (position_ids restarting at 0). The mask
+        # builder looks for packed documents only when it is given no cache; a cache we have just made is empty, so
+        # leaving it out gives the same mask and keeps packed documents apart in evaluation too.
         mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            past_key_values=cache_from_caller,
             position_ids=position_ids,
         )
 

@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from hfgpt import HFGPTConfig, HFGPTForCausalLM
+from hfgpt.configuration_hfgpt import PRESETS
+
+
+def test_standard_and_gpt2_names_are_the_same_attributes():
+    config = HFGPTConfig(n_embd=96, n_layer=3, n_head=6, n_positions=64, n_inner=200, vocab_size=100)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (96, 3, 6)
+    assert (config.max_position_embeddings, config.intermediate_size) == (64, 200)
+    assert config.n_embd == 96 and config.n_layer == 3 and config.n_head == 6 and config.n_positions == 64
+    assert config.num_key_value_heads == 6  # defaults to multi-head attention
+    config.n_embd = 48
+    assert config.hidden_size == 48
+
+
+def test_round_trip_keeps_every_switch(tmp_path):
+    config = HFGPTConfig.from_preset("modern-tiny", rope_theta=500.0, norm_position="post", residual_dropout=0.1)
+    config.save_pretrained(tmp_path)
+    loaded = HFGPTConfig.from_pretrained(tmp_path)
+    for name in ("position_embedding_type", "rope_theta", "norm_type", "norm_position", "hidden_act",
+                 "num_key_value_heads", "bias", "residual_dropout", "intermediate_size", "tie_word_embeddings"):
+        assert getattr(loaded, name) == getattr(config, name), name
+    assert set(loaded.auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM",
+                                    "AutoModelForSequenceClassification"}
+
+
+def test_presets():
+    assert {"tiny", "gpt2", "gpt2-medium", "modern"} <= set(HFGPTConfig.presets())
+    gpt2 = HFGPTConfig.from_preset("gpt2")
+    assert (gpt2.hidden_size, gpt2.num_hidden_layers, gpt2.num_attention_heads, gpt2.vocab_size) == (768, 12, 12, 50257)
+    medium = HFGPTConfig.from_preset("gpt2-medium")
+    assert (medium.hidden_size, medium.num_hidden_layers, medium.num_attention_heads) == (1024, 24, 16)
+    modern = HFGPTConfig.from_preset("modern")
+    assert modern.position_embedding_type == "rope" and modern.norm_type == "rmsnorm"
+    assert modern.hidden_act == "swiglu" and modern.num_key_value_heads < modern.num_attention_heads
+    assert HFGPTConfig.from_preset("tiny", hidden_size=32).hidden_size == 32
+    with pytest.raises(ValueError, match="Unknown preset 'gpt5'.*tiny"):
+        HFGPTConfig.from_preset("gpt5")
+
+
+def test_gpt2_preset_has_124m_parameters():
+    with torch.device("meta"):
+        model = HFGPTForCausalLM(HFGPTConfig.from_preset("gpt2"))
+    unique = sum(p.numel() for p in model.parameters())  # the tied lm_head is counted once
+    assert round(unique / 1e6) == 124
+
+
+def test_swiglu_default_width_keeps_the_mlp_parameter_count():
+    gelu = HFGPTConfig(hidden_size=768, hidden_act="gelu")
+    swiglu = HFGPTConfig(hidden_size=768, hidden_act="swiglu")
+    assert gelu.intermediate_size == 3072
+    assert swiglu.intermediate_size % 64 == 0
+    assert abs(3 * swiglu.intermediate_size - 2 * gelu.intermediate_size) / (2 * gelu.intermediate_size) < 0.03
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(position_embedding_type="alibi"), r"position_embedding_type='alibi'.*'learned', 'sinusoidal', 'rope'"),
+        (dict(norm_type="batchnorm"), r"norm_type='batchnorm'.*'layernorm', 'rmsnorm'"),
+        (dict(norm_position="sandwich"), r"norm_position='sandwich'.*'pre', 'post'"),
+        (dict(hidden_act="tanh"), r"hidden_act='tanh'.*'swiglu'"),
+        (dict(hidden_size=100, num_attention_heads=12), r"hidden_size=100 is not divisible by num_attention_heads=12"),
+        (dict(num_attention_heads=4, num_key_value_heads=3), r"num_attention_heads=4 is not divisible by num_key_va"),
+        (dict(attention_dropout=1.5), r"attention_dropout=1.5 must be a probability"),
+        (dict(num_hidden_layers=0), r"num_hidden_layers=0 must be a positive integer"),
+        (dict(hidden_size=12, num_attention_heads=4, position_embedding_type="rope"), r"even head_dim"),
+        (dict(rope_theta=-1.0), r"rope_theta"),
+    ],
+)
+def test_bad_values_are_rejected_at_construction(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        HFGPTConfig.from_preset("tiny", **overrides)
+
+
+def test_every_preset_is_valid():
+    for name in PRESETS:
+        HFGPTConfig.from_preset(name)
