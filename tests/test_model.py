@@ -328,3 +328,18 @@ class TestSequenceClassification:
         assert model(random_ids(1, 5)).logits.shape == (1, 3)
         with pytest.raises(ValueError, match="pad_token_id"):
             model(random_ids(2, 5))
+
+
+def test_flex_attention_agrees_with_eager_in_inference():
+    # flex attention runs on CPU for inference only (no backward there); on GPU it trains too
+    model = make_model(**VARIANTS["modern"])
+    ids = random_ids(2, 12)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        eager = model(ids, attention_mask=mask).logits
+        model.set_attn_implementation("flex_attention")
+        assert model.config._attn_implementation == "flex_attention"
+        flex = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(flex[1], eager[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(flex[0, 3:], eager[0, 3:], atol=1e-5, rtol=1e-5)
