@@ -1,0 +1,96 @@
+"""Loading what an evaluation needs: a model and its tokenizer (with clear errors), and rows from a data file."""
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import torch
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`None` picks the best available accelerator, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, **kwargs):
+    """`AutoTokenizer.from_pretrained`, with a clear error for a local model directory saved without its tokenizer."""
+    from transformers import AutoTokenizer
+
+    path = Path(name_or_path)
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)} found). Save the tokenizer next to the "
+            f"model with `tokenizer.save_pretrained('{path}')`, or pass a tokenizer explicitly "
+            "(`tokenizer=` / `--tokenizer_name_or_path`)."
+        )
+    return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+
+
+def load_model(name_or_path: str | os.PathLike, auto_class=None, device=None, dtype=None, trust_remote_code=False):
+    """Load a model for evaluation (eval mode, on `device`). hfgpt models need no remote code: importing hfgpt
+    registers them with the Auto classes."""
+    import transformers
+
+    import hfgpt  # noqa: F401  (registers the hfgpt Auto classes)
+
+    auto_class = auto_class or transformers.AutoModelForCausalLM
+    path = Path(name_or_path)
+    if path.exists() and not (path / transformers.utils.CONFIG_NAME).is_file():
+        raise FileNotFoundError(
+            f"{path} is not a model directory: it has no {transformers.utils.CONFIG_NAME}. Pass the output directory "
+            "of a training run (or a Hub model id)."
+        )
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = auto_class.from_pretrained(name_or_path, **kwargs)
+    return model.to(resolve_device(device)).eval()
+
+
+def read_rows(path: str | os.PathLike, columns: tuple[str, ...] = ()) -> list[dict]:
+    """Rows of a JSON-lines, CSV or TSV file as dicts (a `.json` file may also hold a list of objects).
+
+    Every name in `columns` must be present in every row; the error lists the columns that do exist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Data file {path} does not exist.")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        text = path.read_text(encoding="utf-8")
+        if suffix == ".json" and text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = []
+            for line_number, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise ValueError(f"{path}:{line_number} is not valid JSON: {error}") from None
+    elif suffix in (".csv", ".tsv"):
+        with path.open(encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
+    else:
+        raise ValueError(f"Unsupported data file {path}: use .jsonl, .json, .csv or .tsv (or .txt where plain text is accepted).")
+    if not rows:
+        raise ValueError(f"Data file {path} holds no rows.")
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: row {index} is {type(row).__name__}, expected an object with named fields.")
+        missing = [column for column in columns if column not in row]
+        if missing:
+            raise ValueError(
+                f"{path}: row {index} has no column {', '.join(map(repr, missing))}; its columns are "
+                f"{', '.join(map(repr, row))}. Pick the right ones with the --*_column arguments."
+            )
+    return rows

@@ -1,0 +1,335 @@
+"""Evaluation: the offline `evaluate` modules (perplexity, ROUGE, accuracy, classification) against hand-computed or
+reference-library numbers, their errors on bad input, and the `hfgpt eval` runners."""
+
+import math
+
+import evaluate
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from hfgpt.evaluation import METRIC_NAMES, metric_path
+from hfgpt.evaluation.perplexity import compute_perplexity, sliding_windows
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A journey of a thousand miles begins with a single step.",
+    "To be, or not to be, that is the question.",
+    "All that glitters is not gold; all that wander are not lost.",
+] * 5
+
+TEXTS = [
+    "The fox jumps over the dog.",
+    "To be or not to be.",
+    "A single step begins a journey of a thousand miles, and the lazy dog sleeps all day long.",
+]
+
+
+def make_tokenizer(with_bos: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained here on a few sentences (nothing downloaded)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    special = {"bos_token": "<|endoftext|>"} if with_bos else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", **special)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def make_gpt2(vocab_size: int, n_positions: int = 64) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=32, n_layer=2, n_head=2)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def gpt2(tokenizer):
+    return make_gpt2(len(tokenizer))
+
+
+def hand_perplexities(model, tokenizer, texts, add_start_token=True):
+    """exp(mean NLL) per text from one full forward pass each, and over all tokens together."""
+    nlls, counts = [], []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([([tokenizer.bos_token_id] if add_start_token else []) + ids])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+        token_nll = -log_probs.gather(1, ids[0, 1:, None]).squeeze(1)
+        nlls.append(token_nll.sum().item())
+        counts.append(token_nll.numel())
+    return [math.exp(n / c) for n, c in zip(nlls, counts)], math.exp(sum(nlls) / sum(counts)), sum(counts)
+
+
+def hand_strided_nll(model, ids: torch.Tensor, max_length: int, stride: int):
+    """The loop of the transformers perplexity guide, written out independently: windows start every `stride`
+    tokens; the tokens the previous window did not reach are the labels (the rest -100); the model's own loss."""
+    total_nll, total_count, previous_end = 0.0, 0, 0
+    for begin in range(0, ids.size(1), stride):
+        end = min(begin + max_length, ids.size(1))
+        target_length = end - previous_end
+        input_ids = ids[:, begin:end]
+        labels = input_ids.clone()
+        labels[:, :-target_length] = -100
+        count = (labels[:, 1:] != -100).sum().item()  # the model shifts labels left by one
+        with torch.no_grad():
+            loss = model(input_ids, labels=labels).loss
+        total_nll += loss.item() * count
+        total_count += count
+        previous_end = end
+        if end == ids.size(1):
+            break
+    return total_nll, total_count
+
+
+# --- metric modules -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", METRIC_NAMES)
+def test_metric_modules_load_offline(name):
+    module = evaluate.load(metric_path(name))
+    assert isinstance(module, evaluate.Metric)
+
+
+def test_metric_path_unknown_name():
+    with pytest.raises(ValueError, match="hfgpt ships: perplexity, rouge"):
+        metric_path("bleu")
+
+
+# --- perplexity -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_tokens,max_length,stride", [(40, 16, 6), (40, 16, 15), (16, 16, 8), (17, 16, 1), (3, 8, 4)])
+def test_sliding_windows_score_every_token_once(num_tokens, max_length, stride):
+    windows = sliding_windows(num_tokens, max_length, stride)
+    targets = [t for _, end, first in windows for t in range(first, end)]
+    assert targets == list(range(1, num_tokens))  # each token but the first, exactly once, in order
+    for index, (begin, end, first) in enumerate(windows):
+        assert end - begin <= max_length
+        if index:  # past the first window every scored token sees at least max_length - stride tokens of context
+            assert first - begin >= max_length - stride
+
+
+def test_sliding_windows_reject_bad_stride():
+    for stride in (0, 16, 20):
+        with pytest.raises(ValueError, match=r"stride=\d+ must be in \[1, max_length - 1\]"):
+            sliding_windows(40, 16, stride)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 16])
+def test_perplexity_equals_exp_mean_token_nll(gpt2, tokenizer, batch_size):
+    expected, corpus, count = hand_perplexities(gpt2, tokenizer, TEXTS)
+    result = compute_perplexity(TEXTS, gpt2, tokenizer, batch_size=batch_size, progress=False)
+    assert result["perplexities"] == pytest.approx(expected, rel=1e-5)
+    assert result["mean_perplexity"] == pytest.approx(np.mean(expected), rel=1e-5)
+    assert result["perplexity"] == pytest.approx(corpus, rel=1e-5)
+    assert result["num_tokens"] == count
+    assert result["max_length"] == gpt2.config.n_positions
+
+
+def test_perplexity_without_start_token_skips_first_token(gpt2, tokenizer):
+    expected, corpus, count = hand_perplexities(gpt2, tokenizer, TEXTS, add_start_token=False)
+    result = compute_perplexity(TEXTS, gpt2, tokenizer, add_start_token=False, progress=False)
+    assert result["perplexities"] == pytest.approx(expected, rel=1e-5)
+    assert result["num_tokens"] == count == sum(len(tokenizer(t)["input_ids"]) - 1 for t in TEXTS)
+
+
+@pytest.mark.parametrize("max_length,stride", [(16, 6), (12, 11), (10, 1)])
+def test_perplexity_sliding_window_matches_hand_computed_strided_nll(gpt2, tokenizer, max_length, stride):
+    text = " ".join(CORPUS[:4])
+    ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]])
+    assert ids.size(1) > 3 * max_length  # several windows
+    nll, count = hand_strided_nll(gpt2, ids, max_length, stride)
+    assert count == ids.size(1) - 1
+    result = compute_perplexity([text], gpt2, tokenizer, max_length=max_length, stride=stride, batch_size=3,
+                                progress=False)
+    assert result["num_tokens"] == count
+    assert result["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    # less context per token than the full-sequence pass, so a different (here: any finite) number
+    full = compute_perplexity([text], gpt2, tokenizer, progress=False)["perplexity"]
+    assert result["perplexity"] != pytest.approx(full, rel=1e-6)
+
+
+def test_perplexity_on_hfgpt_model(tiny_model, tokenizer):
+    expected, corpus, _ = hand_perplexities(tiny_model, tokenizer, TEXTS)
+    result = compute_perplexity(TEXTS, tiny_model, tokenizer, batch_size=2, progress=False)
+    assert result["perplexities"] == pytest.approx(expected, rel=1e-5)
+    text = " ".join(CORPUS[:4])
+    ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]])
+    nll, count = hand_strided_nll(tiny_model, ids, 24, 8)
+    windowed = compute_perplexity([text], tiny_model, tokenizer, max_length=24, stride=8, progress=False)
+    assert windowed["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_perplexity_module_from_path_equals_in_memory(gpt2, tokenizer, tmp_path):
+    gpt2.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    module = evaluate.load(metric_path("perplexity"))
+    in_memory = module.compute(predictions=TEXTS, model=gpt2, tokenizer=tokenizer, progress=False)
+    from_path = module.compute(predictions=TEXTS, model=str(tmp_path), device="cpu", progress=False)
+    hub_style = module.compute(predictions=TEXTS, model_id=str(tmp_path), batch_size=1, progress=False)
+    assert from_path["perplexities"] == pytest.approx(in_memory["perplexities"], rel=1e-5)
+    assert hub_style["mean_perplexity"] == pytest.approx(in_memory["mean_perplexity"], rel=1e-5)
+
+
+def test_perplexity_bad_input(gpt2, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        compute_perplexity([], gpt2, tokenizer)
+    with pytest.raises(ValueError, match="Text 1 .* nothing to score"):
+        compute_perplexity(["fine text", ""], gpt2, tokenizer, add_start_token=False, progress=False)
+    with pytest.raises(ValueError, match="needs a tokenizer with a BOS token"):
+        compute_perplexity(TEXTS, gpt2, make_tokenizer(with_bos=False), add_start_token=True)
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        compute_perplexity(TEXTS, gpt2, tokenizer, max_length=1000)
+    with pytest.raises(ValueError, match="needs its tokenizer"):
+        compute_perplexity(TEXTS, gpt2)
+    with pytest.raises(TypeError, match="single string"):
+        compute_perplexity("one text", gpt2, tokenizer)
+    gpt2.save_pretrained(tmp_path / "no_tokenizer")
+    with pytest.raises(FileNotFoundError, match="has no tokenizer.*tokenizer.save_pretrained"):
+        compute_perplexity(TEXTS, str(tmp_path / "no_tokenizer"))
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        compute_perplexity(TEXTS, str(tmp_path), tokenizer)
+    with pytest.raises(ValueError, match="exactly one of `model`"):
+        evaluate.load(metric_path("perplexity")).compute(predictions=TEXTS)
+
+
+# --- ROUGE ----------------------------------------------------------------------------------------------------------
+
+PREDICTIONS = ["the cat sat on the mat", "hello there general kenobi", "a b c d e f", "running dogs barked loudly"]
+REFERENCES = ["the cat is on the mat", "hello there", "a b d e g", "the dog runs and barks"]
+
+
+def rouge_score_reference(predictions, references, use_stemmer=False, seed=None):
+    """rouge_score used directly, the way the Hub's rouge metric uses it."""
+    from rouge_score import rouge_scorer, scoring
+
+    types = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
+    scorer = rouge_scorer.RougeScorer(types, use_stemmer=use_stemmer)
+    scores = [scorer.score_multi(r, p) if isinstance(r, list) else scorer.score(r, p)
+              for p, r in zip(predictions, references)]
+    per_example = {t: [s[t].fmeasure for s in scores] for t in types}
+    if seed is None:
+        return per_example
+    np.random.seed(seed)
+    aggregator = scoring.BootstrapAggregator()
+    for s in scores:
+        aggregator.add_scores(s)
+    return {t: v.mid.fmeasure for t, v in aggregator.aggregate().items()}
+
+
+@pytest.mark.parametrize("use_stemmer", [False, True])
+def test_rouge_matches_rouge_score(use_stemmer):
+    rouge = evaluate.load(metric_path("rouge"), seed=42)  # evaluate seeds numpy for the bootstrap aggregator
+    aggregated = rouge.compute(predictions=PREDICTIONS, references=REFERENCES, use_stemmer=use_stemmer)
+    assert aggregated == rouge_score_reference(PREDICTIONS, REFERENCES, use_stemmer, seed=42)
+    per_example = rouge.compute(predictions=PREDICTIONS, references=REFERENCES, use_stemmer=use_stemmer,
+                                use_aggregator=False)
+    expected = rouge_score_reference(PREDICTIONS, REFERENCES, use_stemmer)
+    assert per_example == expected
+    for name, scores in expected.items():  # the bootstrap mid sits next to the plain mean
+        assert aggregated[name] == pytest.approx(np.mean(scores), abs=0.05)
+    if use_stemmer:  # "running"/"runs", "dogs"/"dog" match only after stemming
+        assert per_example["rouge1"][3] > rouge_score_reference(PREDICTIONS, REFERENCES)["rouge1"][3]
+
+
+def test_rouge_multiple_references_and_custom_tokenizer():
+    rouge = evaluate.load(metric_path("rouge"))
+    references = [[r, p] for r, p in zip(REFERENCES, PREDICTIONS)]
+    result = rouge.compute(predictions=PREDICTIONS, references=references, use_aggregator=False)
+    assert result == rouge_score_reference(PREDICTIONS, references)
+    assert result["rouge1"] == [1.0] * len(PREDICTIONS)  # the prediction itself is among the references
+    by_character = rouge.compute(predictions=["abc"], references=["abd"], tokenizer=list, rouge_types=["rouge1"])
+    assert by_character["rouge1"] == pytest.approx(2 / 3)
+
+
+def test_rouge_lsum_splits_on_newlines():
+    rouge = evaluate.load(metric_path("rouge"))
+    prediction, reference = "b c\na b", "a b\nb c"
+    result = rouge.compute(predictions=[prediction], references=[reference], use_aggregator=False)
+    assert result["rougeLsum"] == [1.0]  # every sentence finds its match
+    assert result["rougeL"][0] < 1.0  # one flat sequence: order matters
+
+
+def test_rouge_bad_input():
+    rouge = evaluate.load(metric_path("rouge"))
+    with pytest.raises(ValueError, match="`predictions` is empty"):
+        rouge.compute(predictions=[], references=[])
+    with pytest.raises(ValueError, match="Got 2 predictions but 1 references"):
+        rouge.compute(predictions=["a", "b"], references=["a"])
+    with pytest.raises(ValueError, match="Unknown rouge_types"):
+        rouge.compute(predictions=["a"], references=["a"], rouge_types=["rougeX"])
+
+
+# --- accuracy and classification ------------------------------------------------------------------------------------
+
+Y_TRUE = [0, 1, 2, 2, 1, 0, 0, 2, 1, 1]
+Y_PRED = [0, 2, 2, 2, 1, 0, 1, 0, 1, 1]
+
+
+def test_accuracy_matches_scikit_learn():
+    from sklearn.metrics import accuracy_score
+
+    accuracy = evaluate.load(metric_path("accuracy"))
+    assert accuracy.compute(predictions=Y_PRED, references=Y_TRUE) == {"accuracy": accuracy_score(Y_TRUE, Y_PRED)}
+    weights = [1, 2, 3, 1, 2, 3, 1, 2, 3, 1]
+    assert accuracy.compute(predictions=Y_PRED, references=Y_TRUE, sample_weight=weights, normalize=False)[
+        "accuracy"] == accuracy_score(Y_TRUE, Y_PRED, sample_weight=weights, normalize=False)
+    multilabel = evaluate.load(metric_path("accuracy"), "multilabel")
+    pred, true = [[0, 1], [1, 1], [1, 0]], [[0, 1], [1, 0], [1, 0]]
+    assert multilabel.compute(predictions=pred, references=true)["accuracy"] == accuracy_score(np.array(true),
+                                                                                             np.array(pred))
+
+
+@pytest.mark.parametrize("average", ["macro", "micro", "weighted", None])
+def test_classification_matches_scikit_learn(average):
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
+
+    result = evaluate.load(metric_path("classification")).compute(predictions=Y_PRED, references=Y_TRUE,
+                                                                  average=average)
+    expected = {
+        "precision": precision_score(Y_TRUE, Y_PRED, average=average),
+        "recall": recall_score(Y_TRUE, Y_PRED, average=average),
+        "f1": f1_score(Y_TRUE, Y_PRED, average=average),
+    }
+    for name, value in expected.items():
+        np.testing.assert_allclose(result[name], value, rtol=1e-12)
+    assert result["accuracy"] == accuracy_score(Y_TRUE, Y_PRED)
+    assert result["labels"] == [0, 1, 2]
+    assert result["confusion_matrix"] == confusion_matrix(Y_TRUE, Y_PRED).tolist()
+
+
+def test_classification_binary_average_is_the_hub_default():
+    from sklearn.metrics import f1_score, precision_score, recall_score
+
+    true, pred = [0, 1, 1, 0, 1, 1], [0, 1, 0, 1, 1, 1]
+    result = evaluate.load(metric_path("classification")).compute(predictions=pred, references=true, average="binary")
+    assert (result["precision"], result["recall"], result["f1"]) == (
+        precision_score(true, pred), recall_score(true, pred), f1_score(true, pred))
+    assert result["confusion_matrix"] == [[1, 1], [1, 3]]
+
+
+@pytest.mark.parametrize("name", ["accuracy", "classification"])
+def test_classification_bad_input(name):
+    module = evaluate.load(metric_path(name))
+    with pytest.raises(ValueError, match="`predictions` is empty"):
+        module.compute(predictions=[], references=[])
+    with pytest.raises(ValueError, match="Mismatch in the number of predictions|Got 3 predictions but 2"):
+        module.compute(predictions=[0, 1, 1], references=[0, 1])
+    from hfgpt.evaluation.classification import compute_accuracy, compute_classification
+
+    with pytest.raises(ValueError, match="Got 3 predictions but 2 references"):
+        (compute_accuracy if name == "accuracy" else compute_classification)([0, 1, 1], [0, 1])
+    if name == "classification":
+        with pytest.raises(ValueError, match="average='mean' is not supported"):
+            module.compute(predictions=[0, 1], references=[0, 1], average="mean")
