@@ -5,6 +5,7 @@ import sys
 
 # name -> (module, function, one-line help). Modules are imported only when their subcommand runs.
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "eval": ("hfgpt.evaluation.cli", "main", "evaluate a model: perplexity | rouge | classification; results go to eval_results.json"),
 }
 
 

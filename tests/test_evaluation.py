@@ -333,3 +333,166 @@ def test_classification_bad_input(name):
     if name == "classification":
         with pytest.raises(ValueError, match="average='mean' is not supported"):
             module.compute(predictions=[0, 1], references=[0, 1], average="mean")
+
+
+# --- runners: `hfgpt eval ...` and eval/*.py -------------------------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from hfgpt import HFGPTConfig, HFGPTForCausalLM, HFGPTForSequenceClassification  # noqa: E402
+from hfgpt.cli import main as hfgpt_main  # noqa: E402
+from hfgpt.files import EVAL_RESULTS, read_json  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CHAT_TEMPLATE = ("{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@pytest.fixture
+def lm_dir(tmp_path):
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    model = HFGPTForCausalLM(HFGPTConfig.from_preset("tiny", vocab_size=len(tokenizer))).eval()
+    model.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    return tmp_path / "lm", model, tokenizer
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def test_eval_perplexity_script_runs_offline_and_saves_results(lm_dir, tmp_path):
+    path, model, tokenizer = lm_dir
+    data = write_jsonl(tmp_path / "texts.jsonl", [{"body": t} for t in TEXTS] + [{"body": "  "}])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "eval" / "perplexity.py"), "--model_name_or_path", str(path), "--file", str(data),
+         "--text_column", "body", "--max_length", "16", "--stride", "5", "--batch_size", "4", "--device", "cpu"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = read_json(path / EVAL_RESULTS)["perplexity"]
+    expected = compute_perplexity(TEXTS, model, tokenizer, max_length=16, stride=5, progress=False)
+    assert saved["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-5)
+    assert (saved["num_texts"], saved["skipped_empty_texts"], saved["stride"]) == (3, 1, 5)
+    assert saved["dataset"]["name"] == "texts.jsonl"
+    assert f'"perplexity": {saved["perplexity"]}' in result.stdout
+
+
+def test_eval_perplexity_of_a_text_file_is_one_windowed_text(lm_dir, tmp_path):
+    path, model, tokenizer = lm_dir
+    text = " ".join(CORPUS[:6])
+    (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
+    assert hfgpt_main(["eval", "perplexity", "--model_name_or_path", str(path), "--file", str(tmp_path / "corpus.txt"),
+                       "--max_length", "32", "--stride", "8", "--results_dir", str(tmp_path / "results")]) == 0
+    saved = read_json(tmp_path / "results" / EVAL_RESULTS)["perplexity"]
+    ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]])
+    nll, count = hand_strided_nll(model, ids, 32, 8)
+    assert saved["num_tokens"] == count and saved["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_eval_rouge_from_predictions_file(lm_dir, tmp_path):
+    path, _, _ = lm_dir
+    rows = [{"prediction": p, "reference": r} for p, r in zip(PREDICTIONS, REFERENCES)]
+    data = write_jsonl(tmp_path / "predictions.jsonl", rows)
+    assert hfgpt_main(["eval", "rouge", "--predictions_file", str(data), "--results_dir", str(path),
+                       "--seed", "7"]) == 0
+    saved = read_json(path / EVAL_RESULTS)["rouge"]
+    expected = rouge_score_reference(PREDICTIONS, REFERENCES, seed=7)
+    assert {name: saved[name] for name in expected} == expected
+    assert saved["num_examples"] == 4
+
+
+def test_eval_rouge_generates_through_the_chat_template(lm_dir, tmp_path):
+    path, model, tokenizer = lm_dir
+    rows = [
+        {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+        {"instruction": "Repeat the word.", "input": "fox", "output": "fox"},
+        {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]},
+    ]
+    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    out = tmp_path / "generated.jsonl"
+    assert hfgpt_main(["eval", "rouge", "--model_name_or_path", str(path), "--prompts_file", str(data),
+                       "--max_new_tokens", "6", "--batch_size", "2", "--save_predictions", str(out)]) == 0
+    generated = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [g["reference"] for g in generated] == ["Blue.", "fox", "hi"]
+    # each batched, left-padded generation equals the prompt generated alone through the chat template
+    for row in generated:
+        prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+        assert prompt.endswith("assistant:") and prompt.startswith("<|endoftext|>user: ")
+        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        # the explicit mask matters: the prompt starts with <|endoftext|>, which is also the pad token, and generate
+        # would otherwise infer that it is padding
+        alone = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                               pad_token_id=tokenizer.eos_token_id)
+        assert row["prediction"] == tokenizer.decode(alone[0, ids.size(1):], skip_special_tokens=True).strip()
+    saved = read_json(path / EVAL_RESULTS)["rouge"]
+    assert saved["chat_template"] is True and saved["num_examples"] == 3
+    expected = rouge_score_reference([g["prediction"] for g in generated], ["Blue.", "fox", "hi"], seed=42)
+    assert {name: saved[name] for name in expected} == expected  # 42: the runner's default --seed
+
+
+@pytest.fixture
+def classifier_dir(tmp_path):
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    config = HFGPTConfig.from_preset("tiny", vocab_size=len(tokenizer), num_labels=3,
+                                     id2label={0: "neg", 1: "neu", 2: "pos"}, label2id={"neg": 0, "neu": 1, "pos": 2})
+    model = HFGPTForSequenceClassification(config).eval()
+    model.save_pretrained(tmp_path / "classifier")
+    tokenizer.save_pretrained(tmp_path / "classifier")
+    return tmp_path / "classifier", model, tokenizer
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".jsonl"])
+def test_eval_classification_matches_scikit_learn(classifier_dir, tmp_path, suffix):
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+    path, model, tokenizer = classifier_dir
+    texts = [t.replace(",", "") for t in CORPUS[:4] + TEXTS]
+    labels = ["neg", "pos", "neu", "pos", "neg", "neu", "pos"]
+    data = tmp_path / f"data{suffix}"
+    if suffix == ".jsonl":
+        write_jsonl(data, [{"sentence": t, "y": y} for t, y in zip(texts, labels)])
+    else:
+        sep = "\t" if suffix == ".tsv" else ","
+        data.write_text("y" + sep + "sentence\n" + "".join(f"{y}{sep}{t}\n" for t, y in zip(texts, labels)))
+    assert hfgpt_main(["eval", "classification", "--model_name_or_path", str(path), "--file", str(data),
+                       "--text_column", "sentence", "--label_column", "y", "--batch_size", "3"]) == 0
+    saved = read_json(path / EVAL_RESULTS)["classification"]
+    with torch.no_grad():  # one text at a time: no padding involved
+        predicted = [model(torch.tensor([tokenizer(t)["input_ids"]])).logits.argmax(-1).item() for t in texts]
+    true = [config_id for config_id in (model.config.label2id[y] for y in labels)]
+    assert saved["accuracy"] == accuracy_score(true, predicted)
+    assert saved["f1"] == pytest.approx(f1_score(true, predicted, average="macro", labels=[0, 1, 2], zero_division=0))
+    assert saved["confusion_matrix"] == confusion_matrix(true, predicted, labels=[0, 1, 2]).tolist()
+    assert saved["label_names"] == ["neg", "neu", "pos"] and saved["num_examples"] == 7
+
+
+def test_eval_runners_bad_input(classifier_dir, lm_dir, tmp_path, capsys):
+    cls_path, _, _ = classifier_dir
+    lm_path, model, _ = lm_dir
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"text": "good", "label": "great"}])
+    with pytest.raises(ValueError, match="label 'great' is not one of the model's labels \\('neg', 'neu', 'pos'"):
+        hfgpt_main(["eval", "classification", "--model_name_or_path", str(cls_path), "--file", str(data)])
+    with pytest.raises(ValueError, match="row 0 has no column 'sentence'; its columns are 'text', 'label'"):
+        hfgpt_main(["eval", "classification", "--model_name_or_path", str(cls_path), "--file", str(data),
+                    "--text_column", "sentence"])
+    no_tokenizer = tmp_path / "no_tokenizer"
+    model.save_pretrained(no_tokenizer)
+    with pytest.raises(FileNotFoundError, match="has no tokenizer"):
+        hfgpt_main(["eval", "perplexity", "--model_name_or_path", str(no_tokenizer), "--file", str(data)])
+    with pytest.raises(SystemExit) as exit_info:  # neither a predictions file nor prompts
+        hfgpt_main(["eval", "rouge", "--model_name_or_path", str(lm_path)])
+    assert exit_info.value.code == 2 and "either --predictions_file" in capsys.readouterr().err
+    empty = write_jsonl(tmp_path / "empty_predictions.jsonl", [])
+    with pytest.raises(ValueError, match="holds no rows"):
+        hfgpt_main(["eval", "rouge", "--predictions_file", str(empty)])
+    assert hfgpt_main(["eval", "bleu"]) == 2

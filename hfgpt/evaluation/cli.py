@@ -1,0 +1,382 @@
+"""`hfgpt eval perplexity|rouge|classification ...` and the eval/ scripts: run a metric on a model, print the
+results and merge them into the model directory's eval_results.json (`hfgpt.files.update_eval_results`)."""
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import files
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The model to evaluate: a local directory (results are written there) or a Hub id."}
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "The tokenizer, if it is not saved with the model."}
+    )
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1, mps. Default: the best available."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow remote code of non-hfgpt models."})
+    batch_size: int = field(default=8, metadata={"help": "Examples (or windows) per forward pass."})
+    results_dir: str | None = field(
+        default=None,
+        metadata={"help": f"Where to merge the results into {files.EVAL_RESULTS}. Default: the model directory."},
+    )
+
+
+@dataclass
+class PerplexityArguments(ModelArguments):
+    file: str | None = field(
+        default=None, metadata={"help": "A .txt file (scored as one text) or .jsonl/.json/.csv/.tsv (one text per row)."}
+    )
+    text_column: str = field(default="text", metadata={"help": "The text field of a .jsonl/.csv/.tsv file."})
+    max_length: int | None = field(default=None, metadata={"help": "Tokens per window. Default: the model's context."})
+    stride: int | None = field(default=None, metadata={"help": "New tokens scored per window. Default: max_length // 2."})
+    add_start_token: bool | None = field(
+        default=None, metadata={"help": "Prepend BOS so the first token is scored. Default: if the tokenizer has one."}
+    )
+
+
+@dataclass
+class RougeArguments(ModelArguments):
+    predictions_file: str | None = field(
+        default=None, metadata={"help": "Score existing generations: a .jsonl with prediction and reference fields."}
+    )
+    prompts_file: str | None = field(
+        default=None,
+        metadata={"help": "Generate with --model_name_or_path for these rows (.jsonl): `messages`, Alpaca "
+                          "`instruction`/`input`/`output`, or --prompt_column/--reference_column."},
+    )
+    prediction_column: str = field(default="prediction")
+    prompt_column: str = field(default="prompt")
+    reference_column: str = field(default="reference")
+    max_new_tokens: int = field(default=128, metadata={"help": "Longest generated response, in tokens."})
+    max_examples: int | None = field(default=None, metadata={"help": "Evaluate only the first N rows."})
+    use_stemmer: bool = field(default=False, metadata={"help": "Porter-stem words before matching (Hub default: off)."})
+    seed: int = field(default=42, metadata={"help": "Seed of ROUGE's bootstrap aggregation (and of sampling)."})
+    save_predictions: str | None = field(
+        default=None, metadata={"help": "Write the generated predictions with their references to this .jsonl file."}
+    )
+
+
+@dataclass
+class ClassificationArguments(ModelArguments):
+    file: str | None = field(default=None, metadata={"help": "A .csv, .tsv or .jsonl file with texts and labels."})
+    text_column: str = field(default="text")
+    label_column: str = field(default="label")
+    average: str = field(default="macro", metadata={"help": "Averaging of precision/recall/F1: macro, micro, weighted, binary."})
+    max_length: int | None = field(default=None, metadata={"help": "Truncate texts to this many tokens. Default: the model's context."})
+
+
+def _parse(argument_class, argv, prog):
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(argument_class, prog=prog)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    return args, parser
+
+
+def _results_dir(args) -> Path | None:
+    if args.results_dir:
+        return Path(args.results_dir)
+    if args.model_name_or_path and Path(args.model_name_or_path).is_dir():
+        return Path(args.model_name_or_path)
+    return None
+
+
+def _report(name: str, results: dict, args) -> None:
+    print(json.dumps({name: results}, indent=2))
+    directory = _results_dir(args)
+    if directory is None:
+        logger.warning("The model is not a local directory and no --results_dir was given: results not saved.")
+        return
+    path = files.update_eval_results(directory, name, results)
+    print(f"Saved to {path}")
+
+
+def _dataset_info(path: str, **extra) -> dict:
+    return {"name": Path(path).name, "path": str(Path(path).resolve()), **extra}
+
+
+def _model_and_tokenizer(args, auto_class=None):
+    from .loading import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer_name_or_path or args.model_name_or_path)
+    model = load_model(args.model_name_or_path, auto_class=auto_class, device=args.device,
+                       trust_remote_code=args.trust_remote_code)
+    return model, tokenizer
+
+
+def _require(parser, **values) -> None:
+    missing = [f"--{name}" for name, value in values.items() if not value]
+    if missing:
+        parser.error(f"missing {', '.join(missing)}")
+
+
+# --- perplexity -----------------------------------------------------------------------------------------------------
+
+
+def read_texts(path: str, text_column: str = "text") -> list[str]:
+    """A .txt file is one text (so the sliding window runs across it); other formats give one text per row."""
+    if Path(path).suffix.lower() == ".txt":
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"Data file {path} does not exist.")
+        return [Path(path).read_text(encoding="utf-8")]
+    from .loading import read_rows
+
+    return [str(row[text_column]) for row in read_rows(path, columns=(text_column,))]
+
+
+def perplexity_main(argv: list[str] | None = None) -> int:
+    import evaluate
+
+    from . import metric_path
+
+    args, parser = _parse(PerplexityArguments, argv, "hfgpt eval perplexity")
+    _require(parser, model_name_or_path=args.model_name_or_path, file=args.file)
+    texts = read_texts(args.file, args.text_column)
+    kept = [text for text in texts if text.strip()]
+    if not kept:
+        raise ValueError(f"{args.file} holds no non-empty text to score.")
+    model, tokenizer = _model_and_tokenizer(args)
+    results = evaluate.load(metric_path("perplexity")).compute(
+        predictions=kept, model=model, tokenizer=tokenizer, batch_size=args.batch_size, max_length=args.max_length,
+        stride=args.stride, add_start_token=args.add_start_token,
+    )
+    summary = {key: results[key] for key in ("perplexity", "mean_nll", "mean_perplexity", "num_tokens", "max_length",
+                                             "stride")}
+    summary.update(num_texts=len(kept), skipped_empty_texts=len(texts) - len(kept),
+                   dataset=_dataset_info(args.file, column=None if args.file.endswith(".txt") else args.text_column))
+    _report("perplexity", summary, args)
+    return 0
+
+
+# --- ROUGE ----------------------------------------------------------------------------------------------------------
+
+
+def prompt_and_reference(row: dict, prompt_column: str = "prompt", reference_column: str = "reference"):
+    """(prompt, reference) of a prompts-file row. The prompt is a list of chat messages or a plain string.
+
+    Accepted rows: {"messages": [..., {"role": "assistant", "content": reference}]}; Alpaca rows {"instruction",
+    "input", "output"}; or {prompt_column: str or messages, reference_column: str}.
+    """
+    if "messages" in row and prompt_column not in row:
+        messages = list(row["messages"])
+        if not messages or messages[-1].get("role") != "assistant":
+            raise ValueError("A `messages` row must end with the assistant's reference answer.")
+        return messages[:-1], messages[-1]["content"]
+    if "instruction" in row and prompt_column not in row:
+        if "output" not in row:
+            raise ValueError(f"An instruction row needs an `output` reference; its fields are {', '.join(row)}.")
+        user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        return [{"role": "user", "content": user}], row["output"]
+    missing = [column for column in (prompt_column, reference_column) if column not in row]
+    if missing:
+        raise ValueError(
+            f"Prompt row has no {', '.join(map(repr, missing))}; its fields are {', '.join(map(repr, row))}. Use rows "
+            "with `messages`, Alpaca `instruction`/`input`/`output`, or set --prompt_column/--reference_column."
+        )
+    return row[prompt_column], row[reference_column]
+
+
+def render_prompt(tokenizer, prompt) -> str:
+    """Chat messages go through the tokenizer's chat template; without one the user turns are joined as text."""
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}] if tokenizer.chat_template else prompt
+    if isinstance(prompt, str):
+        return prompt
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return "\n\n".join(message["content"] for message in prompt) + "\n\n"
+
+
+def generate_responses(model, tokenizer, prompts: list, max_new_tokens: int = 128, batch_size: int = 8,
+                       progress: bool = True) -> tuple[list[str], int]:
+    """Greedy responses to `prompts` (strings or chat messages), in batches with left padding.
+
+    Returns the responses and how many prompts were cut from the left to fit the model's context.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .perplexity import _model_max_length
+
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1.")
+    context = _model_max_length(model)
+    room = None if context is None else context - max_new_tokens
+    if room is not None and room < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's {context}-token "
+                         "context; lower it.")
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token to batch prompts.")
+        tokenizer.pad_token = tokenizer.eos_token
+    texts = [render_prompt(tokenizer, prompt) for prompt in prompts]
+    # a chat template writes its own special tokens; a raw prompt gets the tokenizer's usual ones
+    add_special_tokens = not tokenizer.chat_template
+    device = next(model.parameters()).device
+    responses, truncated = [], 0
+    for start in tqdm(range(0, len(texts), batch_size), desc="generating", unit="batch", disable=not progress):
+        encoded = [tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+                   for text in texts[start : start + batch_size]]
+        if room is not None:
+            truncated += sum(len(ids) > room for ids in encoded)
+            encoded = [ids[-room:] for ids in encoded]  # keep the end: it holds the generation prompt
+        width = max(map(len, encoded))
+        input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(encoded):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention_mask[row, width - len(ids):] = 1
+        with torch.no_grad():
+            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                    max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)
+        responses += [text.strip() for text in tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
+    return responses, truncated
+
+
+def rouge_main(argv: list[str] | None = None) -> int:
+    import evaluate
+
+    from . import metric_path
+    from .loading import read_rows
+
+    args, parser = _parse(RougeArguments, argv, "hfgpt eval rouge")
+    if bool(args.predictions_file) == bool(args.prompts_file):
+        parser.error("give either --predictions_file (score existing generations) or --model_name_or_path with "
+                     "--prompts_file (generate, then score)")
+    extra = {}
+    if args.predictions_file:
+        rows = read_rows(args.predictions_file, columns=(args.prediction_column, args.reference_column))
+        rows = rows[: args.max_examples]
+        predictions = [str(row[args.prediction_column]) for row in rows]
+        references = [row[args.reference_column] for row in rows]
+        dataset = _dataset_info(args.predictions_file)
+    else:
+        _require(parser, model_name_or_path=args.model_name_or_path)
+        import torch
+
+        torch.manual_seed(args.seed)
+        pairs = [prompt_and_reference(row, args.prompt_column, args.reference_column)
+                 for row in read_rows(args.prompts_file)[: args.max_examples]]
+        model, tokenizer = _model_and_tokenizer(args)
+        prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
+        predictions, truncated = generate_responses(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+        extra = {"max_new_tokens": args.max_new_tokens, "chat_template": bool(tokenizer.chat_template),
+                 "truncated_prompts": truncated}
+        dataset = _dataset_info(args.prompts_file)
+        if args.save_predictions:
+            out = Path(args.save_predictions)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with out.open("w", encoding="utf-8") as handle:
+                for prompt, prediction, reference in zip(prompts, predictions, references):
+                    handle.write(json.dumps({"prompt": prompt, args.prediction_column: prediction,
+                                             args.reference_column: reference}) + "\n")
+    scores = evaluate.load(metric_path("rouge"), seed=args.seed).compute(
+        predictions=predictions, references=references, use_stemmer=args.use_stemmer)
+    _report("rouge", {**scores, "num_examples": len(predictions), "use_stemmer": args.use_stemmer, **extra,
+                      "dataset": dataset}, args)
+    return 0
+
+
+# --- classification -------------------------------------------------------------------------------------------------
+
+
+def label_ids(values: list, label2id: dict, path: str) -> list[int]:
+    """Labels as class ids: names through `label2id`, integers (or digit strings) as they are."""
+    ids, names = [], {str(name): index for name, index in label2id.items()}
+    for value in values:
+        text = str(value).strip()
+        if text in names:
+            ids.append(names[text])
+        elif text.lstrip("-").isdigit():
+            ids.append(int(text))
+        else:
+            raise ValueError(
+                f"{path}: label {value!r} is not one of the model's labels ({', '.join(map(repr, names))}, or their "
+                "integer ids). Train with the same label names, or fix config.label2id / id2label."
+            )
+    unknown = sorted(set(ids) - set(label2id.values()))
+    if unknown:
+        raise ValueError(f"{path}: label ids {unknown} are outside the model's {len(label2id)} classes.")
+    return ids
+
+
+def predict_classes(model, tokenizer, texts: list[str], batch_size: int = 8, max_length: int | None = None,
+                    progress: bool = True) -> list[int]:
+    """argmax class of each text, batched with right padding (truncated to `max_length` tokens)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token to batch texts.")
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # heads that find the last token by the pad id need it
+    tokenizer.padding_side = "right"
+    device = next(model.parameters()).device
+    predictions = []
+    for start in tqdm(range(0, len(texts), batch_size), desc="classifying", unit="batch", disable=not progress):
+        batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=max_length is not None,
+                          max_length=max_length, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+        predictions += logits.argmax(-1).tolist()
+    return predictions
+
+
+def classification_main(argv: list[str] | None = None) -> int:
+    import evaluate
+    from transformers import AutoModelForSequenceClassification
+
+    from . import metric_path
+    from .loading import read_rows
+    from .perplexity import _model_max_length
+
+    args, parser = _parse(ClassificationArguments, argv, "hfgpt eval classification")
+    _require(parser, model_name_or_path=args.model_name_or_path, file=args.file)
+    rows = read_rows(args.file, columns=(args.text_column, args.label_column))
+    model, tokenizer = _model_and_tokenizer(args, auto_class=AutoModelForSequenceClassification)
+    references = label_ids([row[args.label_column] for row in rows], model.config.label2id, args.file)
+    max_length = args.max_length or _model_max_length(model)
+    predictions = predict_classes(model, tokenizer, [str(row[args.text_column]) for row in rows], args.batch_size,
+                                  max_length)
+    labels = sorted(model.config.id2label)
+    results = evaluate.load(metric_path("classification")).compute(
+        predictions=predictions, references=references, labels=labels, average=args.average, zero_division=0.0)
+    results["label_names"] = [model.config.id2label[i] for i in labels]
+    results.update(num_examples=len(rows), dataset=_dataset_info(args.file, text_column=args.text_column,
+                                                                 label_column=args.label_column))
+    _report("classification", results, args)
+    return 0
+
+
+# --- dispatcher -----------------------------------------------------------------------------------------------------
+
+EVALUATIONS = {
+    "perplexity": (perplexity_main, "perplexity of a causal LM on a text / jsonl / csv file (sliding window)"),
+    "rouge": (rouge_main, "ROUGE of generated responses (from a predictions file, or generated from prompts)"),
+    "classification": (classification_main, "accuracy, precision, recall, F1, confusion matrix of a classifier"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`hfgpt eval <perplexity|rouge|classification> [arguments]`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in EVALUATIONS:
+        lines = ["usage: hfgpt eval <evaluation> [arguments]   (hfgpt eval <evaluation> --help)", "", "evaluations:"]
+        lines += [f"  {name.ljust(14)}  {help_}" for name, (_, help_) in EVALUATIONS.items()]
+        known = not argv or argv[0] in ("-h", "--help")
+        print(("" if known else f"hfgpt eval: unknown evaluation {argv[0]!r}\n\n") + "\n".join(lines),
+              file=sys.stdout if known else sys.stderr)
+        return 0 if known else 2
+    return EVALUATIONS[argv[0]][0](argv[1:])
