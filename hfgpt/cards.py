@@ -63,6 +63,8 @@ def human_count(count: int) -> str:
 def _format(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10_000:
+        return f"{value:,}"
     if isinstance(value, (list, tuple)):
         return ", ".join(_format(item) for item in value)
     if isinstance(value, dict):
@@ -136,7 +138,7 @@ def _tokenizer_rows(model_dir: Path) -> tuple[list[tuple[str, str]], bool]:
 
 def _training_sections(summary: dict) -> list[tuple[str, list[tuple[str, str]]]]:
     """training_summary.json as tables: its scalar entries first, then one table per nested dict."""
-    scalars = [(key.replace("_", " "), _format(value)) for key, value in summary.items()
+    scalars = [(key, _format(value)) for key, value in summary.items()
                if not isinstance(value, dict) and value is not None]
     sections = [("", scalars)] if scalars else []
     for key, value in summary.items():
