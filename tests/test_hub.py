@@ -193,3 +193,14 @@ def test_uploaded_directory_loads_generates_and_has_a_card_without_hfgpt(model_d
     assert out["generated"] == expected[0].tolist() and len(out["generated"]) == ids.size(1) + 8
     assert out["model_name"] == "model" and out["metrics"] == [["perplexity", 301.5]]
     assert out["pipeline_tag"] == "text-generation"
+
+
+def test_push_dry_run_lists_the_upload_and_writes_the_card(model_dir, capsys):
+    path, _, _ = model_dir
+    (path / "checkpoint-5").mkdir()
+    (path / "checkpoint-5" / "optimizer.pt").write_bytes(b"x")
+    assert hfgpt_main(["push", str(path), "someone/model", "--dry_run"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert listed == files_to_upload(path) and "README.md" in listed and "modeling_hfgpt.py" in listed
+    assert not any(name.startswith("checkpoint-") for name in listed)
+    assert 'from_pretrained("someone/model")' in (path / files.MODEL_CARD).read_text()
