@@ -108,7 +108,8 @@ def _architecture_rows(config: dict, num_parameters: int | None) -> list[tuple[s
         add("dropout", dropouts)
     add("weights dtype", config.get("dtype") or config.get("torch_dtype"))
     if _is_classifier(config) and config.get("id2label"):
-        add("labels", [f"{index}: {name}" for index, name in sorted(config["id2label"].items(), key=lambda x: int(x[0]))])
+        labels = sorted(config["id2label"].items(), key=lambda item: int(item[0]))
+        add("labels", [f"{index}: {name}" for index, name in labels])
     return rows
 
 
@@ -118,9 +119,7 @@ def _is_classifier(config: dict) -> bool:
 
 def _tokenizer_rows(model_dir: Path) -> tuple[list[tuple[str, str]], bool]:
     """Rows describing the saved tokenizer, and whether it has a chat template. No rows without a tokenizer."""
-    from .evaluation.loading import TOKENIZER_FILES
-
-    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+    if not any((model_dir / name).is_file() for name in files.TOKENIZER_FILES):
         return [], False
     from transformers import AutoTokenizer
 

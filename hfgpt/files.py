@@ -23,6 +23,8 @@ LOG_HISTORY_CSV = "log_history.csv"
 LOSS_CURVE = "loss_curve.png"
 EVAL_RESULTS = "eval_results.json"
 MODEL_CARD = "README.md"
+# A saved tokenizer has at least one of these (fast tokenizers: tokenizer.json; slow BPE: vocab.json; SentencePiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:

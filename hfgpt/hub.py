@@ -37,8 +37,6 @@ def check_model_dir(model_dir: str | os.PathLike) -> dict:
     """
     from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-    from .evaluation.loading import TOKENIZER_FILES
-
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelDirectoryError(f"{model_dir} is not a directory.")
@@ -51,7 +49,9 @@ def check_model_dir(model_dir: str | os.PathLike) -> dict:
     if index is not None:
         missing_shards = sorted(set(index["weight_map"].values()) - {p.name for p in model_dir.iterdir()})
         if missing_shards:
-            problems.append(f"weight shards listed in {SAFE_WEIGHTS_INDEX_NAME} are missing: {', '.join(missing_shards)}")
+            problems.append(
+                f"weight shards listed in {SAFE_WEIGHTS_INDEX_NAME} are missing: {', '.join(missing_shards)}"
+            )
     elif not (model_dir / SAFE_WEIGHTS_NAME).is_file():
         pickled = sorted(p.name for p in model_dir.glob("*.bin"))
         hint = f" (found {', '.join(pickled)}: re-save with safetensors)" if pickled else ""
@@ -65,8 +65,8 @@ def check_model_dir(model_dir: str | os.PathLike) -> dict:
     if config.get("model_type") == "hfgpt" and not code_files:
         problems.append("config.json has no auto_map, so the model cannot load without hfgpt installed "
                         "(`import hfgpt` before `save_pretrained`)")
-    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
-        problems.append(f"no tokenizer (none of {', '.join(TOKENIZER_FILES)}; `tokenizer.save_pretrained(dir)`)")
+    if not any((model_dir / name).is_file() for name in files.TOKENIZER_FILES):
+        problems.append(f"no tokenizer (none of {', '.join(files.TOKENIZER_FILES)}; `tokenizer.save_pretrained(dir)`)")
     if problems:
         raise ModelDirectoryError(f"{model_dir} is not a complete model directory:\n  - " + "\n  - ".join(problems))
     return config

@@ -1,17 +1,24 @@
 """Evaluation: the offline `evaluate` modules (perplexity, ROUGE, accuracy, classification) against hand-computed or
 reference-library numbers, their errors on bad input, and the `hfgpt eval` runners."""
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import evaluate
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from hfgpt import HFGPTConfig, HFGPTForCausalLM, HFGPTForSequenceClassification
+from hfgpt.cli import main as hfgpt_main
 from hfgpt.evaluation import METRIC_NAMES, metric_path
 from hfgpt.evaluation.perplexity import compute_perplexity, sliding_windows
+from hfgpt.files import EVAL_RESULTS, read_json
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -109,7 +116,8 @@ def test_metric_path_unknown_name():
 # --- perplexity -----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("num_tokens,max_length,stride", [(40, 16, 6), (40, 16, 15), (16, 16, 8), (17, 16, 1), (3, 8, 4)])
+@pytest.mark.parametrize("num_tokens,max_length,stride",
+                         [(40, 16, 6), (40, 16, 15), (16, 16, 8), (17, 16, 1), (3, 8, 4)])
 def test_sliding_windows_score_every_token_once(num_tokens, max_length, stride):
     windows = sliding_windows(num_tokens, max_length, stride)
     targets = [t for _, end, first in windows for t in range(first, end)]
@@ -336,16 +344,6 @@ def test_classification_bad_input(name):
 
 
 # --- runners: `hfgpt eval ...` and eval/*.py -------------------------------------------------------------------------
-
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from hfgpt import HFGPTConfig, HFGPTForCausalLM, HFGPTForSequenceClassification  # noqa: E402
-from hfgpt.cli import main as hfgpt_main  # noqa: E402
-from hfgpt.files import EVAL_RESULTS, read_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CHAT_TEMPLATE = ("{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

@@ -21,7 +21,8 @@ def compute_accuracy(predictions, references, normalize: bool = True, sample_wei
     from sklearn.metrics import accuracy_score
 
     check_predictions_references(predictions, references)
-    return {"accuracy": float(accuracy_score(references, predictions, normalize=normalize, sample_weight=sample_weight))}
+    accuracy = accuracy_score(references, predictions, normalize=normalize, sample_weight=sample_weight)
+    return {"accuracy": float(accuracy)}
 
 
 def compute_classification(

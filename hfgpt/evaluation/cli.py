@@ -15,7 +15,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "The model to evaluate: a local directory (results are written there) or a Hub id."}
+        default=None,
+        metadata={"help": "The model to evaluate: a local directory (results are written there) or a Hub id."},
     )
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "The tokenizer, if it is not saved with the model."}
@@ -32,11 +33,14 @@ class ModelArguments:
 @dataclass
 class PerplexityArguments(ModelArguments):
     file: str | None = field(
-        default=None, metadata={"help": "A .txt file (scored as one text) or .jsonl/.json/.csv/.tsv (one text per row)."}
+        default=None,
+        metadata={"help": "A .txt file (scored as one text) or .jsonl/.json/.csv/.tsv (one text per row)."},
     )
     text_column: str = field(default="text", metadata={"help": "The text field of a .jsonl/.csv/.tsv file."})
     max_length: int | None = field(default=None, metadata={"help": "Tokens per window. Default: the model's context."})
-    stride: int | None = field(default=None, metadata={"help": "New tokens scored per window. Default: max_length // 2."})
+    stride: int | None = field(
+        default=None, metadata={"help": "New tokens scored per window. Default: max_length // 2."}
+    )
     add_start_token: bool | None = field(
         default=None, metadata={"help": "Prepend BOS so the first token is scored. Default: if the tokenizer has one."}
     )
@@ -69,8 +73,12 @@ class ClassificationArguments(ModelArguments):
     file: str | None = field(default=None, metadata={"help": "A .csv, .tsv or .jsonl file with texts and labels."})
     text_column: str = field(default="text")
     label_column: str = field(default="label")
-    average: str = field(default="macro", metadata={"help": "Averaging of precision/recall/F1: macro, micro, weighted, binary."})
-    max_length: int | None = field(default=None, metadata={"help": "Truncate texts to this many tokens. Default: the model's context."})
+    average: str = field(
+        default="macro", metadata={"help": "Averaging of precision/recall/F1: macro, micro, weighted, binary."}
+    )
+    max_length: int | None = field(
+        default=None, metadata={"help": "Truncate texts to this many tokens. Default: the model's context."}
+    )
 
 
 def _parse(argument_class, argv, prog):
@@ -195,6 +203,14 @@ def render_prompt(tokenizer, prompt) -> str:
     return "\n\n".join(message["content"] for message in prompt) + "\n\n"
 
 
+def ensure_pad_token(tokenizer) -> None:
+    """Batches need a pad token; like GPT-2's users, fall back to EOS (padded positions are masked anyway)."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token to batch.")
+        tokenizer.pad_token = tokenizer.eos_token
+
+
 def generate_responses(model, tokenizer, prompts: list, max_new_tokens: int = 128, batch_size: int = 8,
                        progress: bool = True) -> tuple[list[str], int]:
     """Greedy responses to `prompts` (strings or chat messages), in batches with left padding.
@@ -204,19 +220,16 @@ def generate_responses(model, tokenizer, prompts: list, max_new_tokens: int = 12
     import torch
     from tqdm.auto import tqdm
 
-    from .perplexity import _model_max_length
+    from .perplexity import model_context_length
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1.")
-    context = _model_max_length(model)
+    context = model_context_length(model)
     room = None if context is None else context - max_new_tokens
     if room is not None and room < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's {context}-token "
                          "context; lower it.")
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token_id is None:
-            raise ValueError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token to batch prompts.")
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     texts = [render_prompt(tokenizer, prompt) for prompt in prompts]
     # a chat template writes its own special tokens; a raw prompt gets the tokenizer's usual ones
     add_special_tokens = not tokenizer.chat_template
@@ -315,10 +328,7 @@ def predict_classes(model, tokenizer, texts: list[str], batch_size: int = 8, max
     import torch
     from tqdm.auto import tqdm
 
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token_id is None:
-            raise ValueError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token to batch texts.")
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # heads that find the last token by the pad id need it
     tokenizer.padding_side = "right"
@@ -340,14 +350,14 @@ def classification_main(argv: list[str] | None = None) -> int:
 
     from . import metric_path
     from .loading import read_rows
-    from .perplexity import _model_max_length
+    from .perplexity import model_context_length
 
     args, parser = _parse(ClassificationArguments, argv, "hfgpt eval classification")
     _require(parser, model_name_or_path=args.model_name_or_path, file=args.file)
     rows = read_rows(args.file, columns=(args.text_column, args.label_column))
     model, tokenizer = _model_and_tokenizer(args, auto_class=AutoModelForSequenceClassification)
     references = label_ids([row[args.label_column] for row in rows], model.config.label2id, args.file)
-    max_length = args.max_length or _model_max_length(model)
+    max_length = args.max_length or model_context_length(model)
     predictions = predict_classes(model, tokenizer, [str(row[args.text_column]) for row in rows], args.batch_size,
                                   max_length)
     labels = sorted(model.config.id2label)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+from ..files import TOKENIZER_FILES
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -81,7 +81,9 @@ def read_rows(path: str | os.PathLike, columns: tuple[str, ...] = ()) -> list[di
         with path.open(encoding="utf-8", newline="") as handle:
             rows = list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
     else:
-        raise ValueError(f"Unsupported data file {path}: use .jsonl, .json, .csv or .tsv (or .txt where plain text is accepted).")
+        raise ValueError(
+            f"Unsupported data file {path}: use .jsonl, .json, .csv or .tsv (or .txt where plain text is accepted)."
+        )
     if not rows:
         raise ValueError(f"Data file {path} holds no rows.")
     for index, row in enumerate(rows):

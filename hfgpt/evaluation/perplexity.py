@@ -57,7 +57,8 @@ def sliding_windows(num_tokens: int, max_length: int, stride: int) -> list[tuple
     return windows
 
 
-def _model_max_length(model) -> int | None:
+def model_context_length(model) -> int | None:
+    """The longest input the model accepts, from its config; None when the config does not say."""
     config = getattr(model, "config", None)
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, name, None)
@@ -129,7 +130,7 @@ def compute_perplexity(
     model, tokenizer = _resolve_model_and_tokenizer(model, tokenizer, device, trust_remote_code)
     model_device = next(model.parameters()).device
 
-    model_max = _model_max_length(model)
+    model_max = model_context_length(model)
     if max_length is None:
         if model_max is None:
             raise ValueError("Cannot tell the model's context length from its config; pass `max_length`.")
