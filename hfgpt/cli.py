@@ -8,6 +8,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("hfgpt.evaluation.cli", "main", "evaluate a model: perplexity | rouge | classification; results go to eval_results.json"),
     "card": ("hfgpt.cards", "main", "write the model card (README.md) of a model directory"),
     "push": ("hfgpt.hub", "main", "upload a model directory (weights, code, tokenizer, card) to the Hugging Face Hub"),
+    "convert": ("hfgpt.convert.cli", "main", "convert a checkpoint: --from gpt2 (GPT2LMHeadModel -> hfgpt) | --from hfgpt (-> GPT-2)"),
 }
 
 
