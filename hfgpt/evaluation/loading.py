@@ -79,7 +79,10 @@ def read_rows(path: str | os.PathLike, columns: tuple[str, ...] = ()) -> list[di
                         raise ValueError(f"{path}:{line_number} is not valid JSON: {error}") from None
     elif suffix in (".csv", ".tsv"):
         with path.open(encoding="utf-8", newline="") as handle:
-            rows = list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
+            # TSV has no quoting: a text starting with '"' must not swallow the lines after it
+            tsv = suffix == ".tsv"
+            rows = list(csv.DictReader(handle, delimiter="\t" if tsv else ",",
+                                       quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL))
     else:
         raise ValueError(
             f"Unsupported data file {path}: use .jsonl, .json, .csv or .tsv (or .txt where plain text is accepted)."
