@@ -494,3 +494,19 @@ def test_eval_runners_bad_input(classifier_dir, lm_dir, tmp_path, capsys):
     with pytest.raises(ValueError, match="holds no rows"):
         hfgpt_main(["eval", "rouge", "--predictions_file", str(empty)])
     assert hfgpt_main(["eval", "bleu"]) == 2
+
+
+def test_rouge_prompts_follow_the_training_formatting(tmp_path):
+    """Prompt rows mean what they mean to SFT/DPO (hfgpt.data.chat); explicit prompt/reference columns pass through."""
+    from hfgpt.data.chat import conversation
+    from hfgpt.evaluation.cli import prompt_and_reference
+
+    alpaca = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
+    prompt, reference = prompt_and_reference(alpaca, 0, "p.jsonl")
+    assert prompt + [{"role": "assistant", "content": reference}] == conversation(alpaca)
+    assert prompt_and_reference({"question": "Hi?", "answer": "Hello."}, 1, "p.jsonl", "question", "answer") == (
+        "Hi?", "Hello.")
+    with pytest.raises(ValueError, match="row 2 has 'prompt' but no 'reference'"):
+        prompt_and_reference({"prompt": "Hi?"}, 2, "p.jsonl")
+    with pytest.raises(ValueError, match="not an instruction row"):
+        prompt_and_reference({"text": "free text"}, 3, "p.jsonl")

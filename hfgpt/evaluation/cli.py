@@ -54,7 +54,7 @@ class RougeArguments(ModelArguments):
     prompts_file: str | None = field(
         default=None,
         metadata={"help": "Generate with --model_name_or_path for these rows (.jsonl): `messages`, Alpaca "
-                          "`instruction`/`input`/`output`, or --prompt_column/--reference_column."},
+                          "`instruction`/`input`/`output`, preference rows, or --prompt_column/--reference_column."},
     )
     prediction_column: str = field(default="prediction")
     prompt_column: str = field(default="prompt")
@@ -167,28 +167,21 @@ def perplexity_main(argv: list[str] | None = None) -> int:
 # --- ROUGE ----------------------------------------------------------------------------------------------------------
 
 
-def prompt_and_reference(row: dict, prompt_column: str = "prompt", reference_column: str = "reference"):
-    """(prompt, reference) of a prompts-file row. The prompt is a list of chat messages or a plain string.
+def prompt_and_reference(row: dict, index: int, source: str, prompt_column: str = "prompt",
+                         reference_column: str = "reference"):
+    """(prompt, reference) of a prompts-file row; the prompt is chat messages or a plain string.
 
-    Accepted rows: {"messages": [..., {"role": "assistant", "content": reference}]}; Alpaca rows {"instruction",
-    "input", "output"}; or {prompt_column: str or messages, reference_column: str}.
+    Rows with `prompt_column` give it and `reference_column` as they are; every other row (chat `messages`, Alpaca
+    `instruction`/`input`/`output`, preference rows) goes through `hfgpt.data.chat.prompt_and_reference`, the
+    formatting SFT and DPO train with, so a row means the same conversation in training and in evaluation.
     """
-    if "messages" in row and prompt_column not in row:
-        messages = list(row["messages"])
-        if not messages or messages[-1].get("role") != "assistant":
-            raise ValueError("A `messages` row must end with the assistant's reference answer.")
-        return messages[:-1], messages[-1]["content"]
-    if "instruction" in row and prompt_column not in row:
-        if "output" not in row:
-            raise ValueError(f"An instruction row needs an `output` reference; its fields are {', '.join(row)}.")
-        user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        return [{"role": "user", "content": user}], row["output"]
-    missing = [column for column in (prompt_column, reference_column) if column not in row]
-    if missing:
-        raise ValueError(
-            f"Prompt row has no {', '.join(map(repr, missing))}; its fields are {', '.join(map(repr, row))}. Use rows "
-            "with `messages`, Alpaca `instruction`/`input`/`output`, or set --prompt_column/--reference_column."
-        )
+    from ..data.chat import prompt_and_reference as chat_prompt_and_reference
+
+    if prompt_column not in row:
+        return chat_prompt_and_reference(row, index, source)
+    if reference_column not in row:
+        raise ValueError(f"{source}: row {index} has {prompt_column!r} but no {reference_column!r} reference; its "
+                         f"fields are {', '.join(map(repr, row))}. Set --reference_column.")
     return row[prompt_column], row[reference_column]
 
 
@@ -277,8 +270,8 @@ def rouge_main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.manual_seed(args.seed)
-        pairs = [prompt_and_reference(row, args.prompt_column, args.reference_column)
-                 for row in read_rows(args.prompts_file)[: args.max_examples]]
+        pairs = [prompt_and_reference(row, index, args.prompts_file, args.prompt_column, args.reference_column)
+                 for index, row in enumerate(read_rows(args.prompts_file)[: args.max_examples])]
         model, tokenizer = _model_and_tokenizer(args)
         prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
         predictions, truncated = generate_responses(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
