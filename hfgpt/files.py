@@ -10,6 +10,7 @@ A model directory (the output of every training script, the input of every eval 
     loss_curve.png          the training and validation loss against steps
     eval_results.json       {"perplexity": {...}, "rouge": {...}, "classification": {...}}, one key per eval script
     README.md               the model card
+    generations.jsonl       SFT / DPO: answers to the held-out prompts, with their references
 """
 
 import json
@@ -23,6 +24,11 @@ LOG_HISTORY_CSV = "log_history.csv"
 LOSS_CURVE = "loss_curve.png"
 EVAL_RESULTS = "eval_results.json"
 MODEL_CARD = "README.md"
+# SFT / DPO runs: the answers to the held-out prompts, one JSON object per line: {"prompt", "prediction", "reference"}.
+GENERATIONS = "generations.jsonl"
+# LoRA / QLoRA runs: the adapter (adapter_config.json, adapter_model.safetensors) lives in this subdirectory; the
+# output directory itself holds the merged model.
+ADAPTER_DIR = "adapter"
 # A saved tokenizer has at least one of these (fast tokenizers: tokenizer.json; slow BPE: vocab.json; SentencePiece).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
