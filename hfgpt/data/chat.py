@@ -103,9 +103,17 @@ def conversation(row: dict, index: int | None = None, source: str | None = None)
     )
 
 
+def is_preference_row(row: Any) -> bool:
+    return isinstance(row, Mapping) and any(row.get(name) is not None for name in PREFERENCE_FIELDS)
+
+
 def prompt_and_reference(row: dict, index: int | None = None, source: str | None = None) -> tuple[list[dict], str]:
     """(prompt messages, reference answer) of an instruction row: everything before the last assistant turn, and
-    that turn's content. What held-out generation and ROUGE evaluation use."""
+    that turn's content. A preference row gives its prompt and its `chosen` answer. What held-out generation and
+    ROUGE evaluation use."""
+    if is_preference_row(row):
+        example = preference_example(row, index, source)
+        return example["prompt"], example["chosen"][-1]["content"]
     messages = conversation(row, index, source)
     last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
     if last == 0:
@@ -210,6 +218,7 @@ __all__ = [
     "check_messages",
     "check_prompt_lengths",
     "conversation",
+    "is_preference_row",
     "preference_example",
     "prompt_and_reference",
     "to_preference_dataset",
