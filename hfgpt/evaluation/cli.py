@@ -295,26 +295,6 @@ def rouge_main(argv: list[str] | None = None) -> int:
 # --- classification -------------------------------------------------------------------------------------------------
 
 
-def label_ids(values: list, label2id: dict, path: str) -> list[int]:
-    """Labels as class ids: names through `label2id`, integers (or digit strings) as they are."""
-    ids, names = [], {str(name): index for name, index in label2id.items()}
-    for value in values:
-        text = str(value).strip()
-        if text in names:
-            ids.append(names[text])
-        elif text.lstrip("-").isdigit():
-            ids.append(int(text))
-        else:
-            raise ValueError(
-                f"{path}: label {value!r} is not one of the model's labels ({', '.join(map(repr, names))}, or their "
-                "integer ids). Train with the same label names, or fix config.label2id / id2label."
-            )
-    unknown = sorted(set(ids) - set(label2id.values()))
-    if unknown:
-        raise ValueError(f"{path}: label ids {unknown} are outside the model's {len(label2id)} classes.")
-    return ids
-
-
 def predict_classes(model, tokenizer, texts: list[str], batch_size: int = 8, max_length: int | None = None,
                     progress: bool = True) -> list[int]:
     """argmax class of each text, batched with right padding (truncated to `max_length` tokens)."""
@@ -341,6 +321,7 @@ def classification_main(argv: list[str] | None = None) -> int:
     import evaluate
     from transformers import AutoModelForSequenceClassification
 
+    from ..data.labels import encode_labels
     from . import metric_path
     from .loading import read_rows
     from .perplexity import model_context_length
@@ -349,7 +330,8 @@ def classification_main(argv: list[str] | None = None) -> int:
     _require(parser, model_name_or_path=args.model_name_or_path, file=args.file)
     rows = read_rows(args.file, columns=(args.text_column, args.label_column))
     model, tokenizer = _model_and_tokenizer(args, auto_class=AutoModelForSequenceClassification)
-    references = label_ids([row[args.label_column] for row in rows], model.config.label2id, args.file)
+    # the same label-name -> class-id mapping the classification training uses
+    references = encode_labels([row[args.label_column] for row in rows], model.config.label2id, where=args.file)
     max_length = args.max_length or model_context_length(model)
     predictions = predict_classes(model, tokenizer, [str(row[args.text_column]) for row in rows], args.batch_size,
                                   max_length)
