@@ -38,6 +38,8 @@ def test_prompt_and_reference_splits_at_the_last_assistant_turn():
     messages = [msg(USER, "a"), msg(ASSISTANT, "b"), msg(USER, "c"), msg(ASSISTANT, "d")]
     assert prompt_and_reference({"messages": messages}) == (messages[:3], "d")
     assert prompt_and_reference({"instruction": "q", "input": "x", "output": "r"}) == ([msg(USER, "q\n\nx")], "r")
+    # a preference row is evaluated against its chosen answer
+    assert prompt_and_reference({"prompt": "q", "chosen": "good", "rejected": "bad"}) == ([msg(USER, "q")], "good")
 
 
 @pytest.mark.parametrize(

@@ -178,7 +178,7 @@ def to_sft_dataset(dataset, source: str | None = None):
         lambda row, index: {MESSAGES: conversation(row, index, source)},
         with_indices=True,
         remove_columns=dataset.column_names,
-        desc=f"Formatting {source or 'instruction'} rows as conversations",
+        desc=f"Formatting {source or 'the instruction rows'} as conversations",
     )
 
 
@@ -188,7 +188,7 @@ def to_preference_dataset(dataset, source: str | None = None):
         lambda row, index: preference_example(row, index, source),
         with_indices=True,
         remove_columns=dataset.column_names,
-        desc=f"Formatting {source or 'preference'} rows for DPO",
+        desc=f"Formatting {source or 'the preference rows'} for DPO",
     )
 
 
