@@ -540,7 +540,8 @@ class HFGPTForSequenceClassification(HFGPTPreTrainedModel):
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
+            # kwargs carry Trainer's num_items_in_batch: without it, gradient accumulation multiplies the loss
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config, **kwargs)
 
         return SequenceClassifierOutputWithPast(
             loss=loss,

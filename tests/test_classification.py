@@ -1,0 +1,250 @@
+"""Classification fine-tuning: labelled data, what trains, the loss, and `hfgpt classify` end to end on tiny data."""
+
+import json
+import random
+import re
+import tempfile
+
+import pytest
+import torch
+
+import hfgpt  # noqa: F401  (registers the Auto classes)
+from hfgpt import HFGPTConfig, HFGPTForCausalLM, HFGPTForSequenceClassification
+from hfgpt.data.labels import encode_labels, load_labelled_datasets
+from hfgpt.data.sources import DataError
+from hfgpt.training.classification import (
+    WeightedCrossEntropy,
+    class_weights_from,
+    freeze_all_but_last_blocks,
+    main,
+)
+
+
+def _write_rows(path, rows, header=("label", "text")):
+    separator = "\t" if path.suffix == ".tsv" else ","
+    lines = [separator.join(header)] + [separator.join(row) for row in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _toy_rows(count, seed=0):
+    """Two classes a tiny model separates in a few steps: the label decides the words."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        label = rng.choice(["ham", "spam"])
+        words = ["see you at lunch", "ok thanks mum", "running late"] if label == "ham" else \
+                ["WIN a FREE prize now", "call 0800 to claim CASH", "URGENT txt WIN"]
+        rows.append((label, f"{rng.choice(words)} {rng.randint(0, 99)}"))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def base_dir(tiny_tokenizer):
+    """A tiny causal LM with its tokenizer on disk: what `hfgpt classify` starts from."""
+    torch.manual_seed(0)
+    path = tempfile.mkdtemp(prefix="hfgpt-classify-base-")
+    config = HFGPTConfig.from_preset("tiny", pad_token_id=tiny_tokenizer.pad_token_id)
+    HFGPTForCausalLM(config).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def _run(argv):
+    return main([*argv, "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no",
+                 "--dataloader_num_workers", "0"])
+
+
+# --- labelled data ----------------------------------------------------------------------------------------------------
+
+
+def test_label_names_become_class_ids(tmp_path):
+    train = _write_rows(tmp_path / "train.tsv", [("spam", "a"), ("ham", "b"), ("ham", "c"), ("spam", "d")])
+    data, names = load_labelled_datasets(train, validation_split_percentage=25)
+    assert names == ["ham", "spam"]  # sorted: spam is class 1, the positive class of the binary F1
+    assert data["train"]["label"] == [1, 0, 0] and data["validation"]["label"] == [1]
+    assert data["train"].column_names == ["text", "label"]
+    _, names = load_labelled_datasets(train, validation_split_percentage=25, label_names=["spam", "ham"])
+    assert names == ["spam", "ham"]
+
+
+def test_integer_labels_keep_their_ids_and_classlabel_keeps_its_names(tmp_path):
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 11}) + "\n" for i in range(22)))
+    _, names = load_labelled_datasets(rows, validation_split_percentage=0)
+    assert names == [str(i) for i in range(11)]  # numerically, not "0", "1", "10", "2", ...
+
+    features = Features({"text": Value("string"), "label": ClassLabel(names=["neg", "neu", "pos"])})
+    saved = tmp_path / "saved"
+    Dataset.from_dict({"text": ["a", "b", "c", "d"], "label": [2, 0, 2, 0]}, features=features).save_to_disk(saved)
+    data, names = load_labelled_datasets(dataset_name=str(saved), validation_split_percentage=0)
+    assert names == ["neg", "neu", "pos"] and data["train"]["label"] == [2, 0, 2, 0]
+
+
+def test_tsv_text_may_start_with_a_quote(tmp_path):
+    """TSV has no quoting: an opening '"' must not swallow the following rows (sms_spam.tsv has such messages)."""
+    train = _write_rows(tmp_path / "train.tsv", [("ham", '"Hi," she said'), ("spam", "WIN now"), ("ham", "ok")])
+    data, _ = load_labelled_datasets(train, validation_split_percentage=0)
+    assert data["train"]["text"] == ['"Hi," she said', "WIN now", "ok"]
+
+
+def test_unknown_label_at_evaluation_is_an_error(tmp_path):
+    train = _write_rows(tmp_path / "train.csv", [("ham", "a"), ("spam", "b")])
+    validation = _write_rows(tmp_path / "validation.csv", [("ham", "c"), ("scam", "d"), ("Spam", "e")])
+    with pytest.raises(DataError, match=r"validation split.*'scam' \(first at row 1\).*'Spam'.*known labels are 'ham', "
+                                        r"'spam'"):
+        load_labelled_datasets(train, validation)
+    with pytest.raises(DataError, match="not trained on: 'maybe'"):
+        encode_labels(["ham", "maybe"], {"ham": 0, "spam": 1})
+
+
+def test_missing_column_names_the_columns_that_exist(tmp_path):
+    train = _write_rows(tmp_path / "train.csv", [("ham", "a"), ("spam", "b")], header=("category", "message"))
+    with pytest.raises(DataError, match=r"no column 'text', 'label'; its columns are 'category', 'message'"):
+        load_labelled_datasets(train, validation_split_percentage=0)
+    data, names = load_labelled_datasets(train, text_column="message", label_column="category",
+                                         validation_split_percentage=0)
+    assert names == ["ham", "spam"] and data["train"]["message"] == ["a", "b"]
+
+
+# --- what trains, and the loss ----------------------------------------------------------------------------------------
+
+
+def test_train_last_n_blocks_freezes_the_rest():
+    model = HFGPTForSequenceClassification(HFGPTConfig.from_preset("tiny", num_hidden_layers=3, num_labels=2))
+    freeze_all_but_last_blocks(model, 1)
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert trainable and all(name.startswith(("transformer.h.2.", "transformer.ln_f.", "score.")) for name in trainable)
+    assert "score.weight" in trainable and "transformer.h.2.attn.q_proj.weight" in trainable
+    assert not model.transformer.wte.weight.requires_grad and not model.transformer.h[1].mlp.up_proj.weight.requires_grad
+    with pytest.raises(ValueError, match="has 3 blocks; choose 1 to 3"):
+        freeze_all_but_last_blocks(model, 4)
+
+
+def test_class_weights():
+    balanced = class_weights_from("balanced", [0, 0, 0, 1], ["ham", "spam"])
+    torch.testing.assert_close(balanced, torch.tensor([4 / 6, 4 / 2]))  # scikit-learn's n / (k * count)
+    torch.testing.assert_close(class_weights_from("1, 6.5", [0, 1], ["ham", "spam"]), torch.tensor([1.0, 6.5]))
+    with pytest.raises(ValueError, match="need 2 positive numbers.*ham, spam"):
+        class_weights_from("1,2,3", [0, 1], ["ham", "spam"])
+    with pytest.raises(ValueError, match="'balanced' or one number per class"):
+        class_weights_from("heavy", [0, 1], ["ham", "spam"])
+    with pytest.raises(DataError, match=r"no rows of class\(es\) \['spam'\]"):
+        class_weights_from("balanced", [0, 0], ["ham", "spam"])
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_gradient_accumulation_matches_one_large_batch(weighted, tmp_path):
+    """Trainer hands the loss the number of rows of the accumulated batch; the head's loss (and the weighted loss)
+    must use it, or accumulating N micro-batches multiplies the update by N."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    config = HFGPTConfig.from_preset("tiny", num_labels=2, pad_token_id=1)
+    reference = HFGPTForSequenceClassification(config)
+    rows = Dataset.from_dict({"input_ids": torch.randint(2, 512, (4, 8)).tolist(), "labels": [0, 1, 1, 1]})
+    updates = []
+    for batch_size, accumulation in ((4, 1), (2, 2)):
+        model = HFGPTForSequenceClassification(config)
+        model.load_state_dict(reference.state_dict())
+        args = TrainingArguments(output_dir=str(tmp_path / f"run{accumulation}"), per_device_train_batch_size=batch_size,
+                                 gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1.0, optim="sgd",
+                                 lr_scheduler_type="constant", max_grad_norm=0.0, report_to="none", disable_tqdm=True,
+                                 train_sampling_strategy="sequential", save_strategy="no")
+        loss = WeightedCrossEntropy(torch.tensor([1.0, 3.0])) if weighted else None
+        Trainer(model=model, args=args, train_dataset=rows, compute_loss_func=loss).train()
+        updates.append(model.score.weight.detach() - reference.score.weight.detach())
+    assert updates[0].abs().max() > 0
+    torch.testing.assert_close(updates[1], updates[0], atol=1e-5, rtol=1e-4)
+
+
+# --- hfgpt classify ---------------------------------------------------------------------------------------------------
+
+
+def test_classify_full_end_to_end(base_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from hfgpt.evaluation.cli import predict_classes
+
+    train = _write_rows(tmp_path / "train.tsv", _toy_rows(120))
+    validation = _write_rows(tmp_path / "validation.tsv", _toy_rows(24, seed=1))
+    out = tmp_path / "out"
+    assert _run(["--model_name_or_path", base_dir, "--train_file", str(train), "--validation_file", str(validation),
+                 "--output_dir", str(out), "--num_train_epochs", "3", "--learning_rate", "2e-3",
+                 "--per_device_train_batch_size", "8", "--class_weights", "balanced", "--logging_steps", "5"]) == 0
+
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.id2label == {0: "ham", 1: "spam"} and model.config.label2id == {"ham": 0, "spam": 1}
+    results = json.loads((out / "eval_results.json").read_text())["classification"]
+    assert results["label_names"] == ["ham", "spam"] and results["num_examples"] == 24
+    assert sum(map(sum, results["confusion_matrix"])) == 24
+    assert results["accuracy"] >= 0.9, results  # the words give the class away: a working run learns them
+    # the saved model reproduces the reported accuracy
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    rows = [line.split("\t") for line in validation.read_text().splitlines()[1:]]
+    predictions = predict_classes(model.eval(), tokenizer, [text for _, text in rows], progress=False)
+    accuracy = sum(model.config.id2label[p] == label for p, (label, _) in zip(predictions, rows)) / len(rows)
+    assert accuracy == pytest.approx(results["accuracy"])
+
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["method"] == "full" and summary["class_weights"] == "balanced"
+    assert summary["parameters"]["trainable"] == summary["parameters"]["total"]
+    assert summary["memory"]["peak_rss_bytes"] > 0
+    # accuracy, precision, recall and F1 at every epoch
+    history = json.loads((out / "log_history.json").read_text())
+    per_epoch = [entry for entry in history if "eval_f1" in entry and "eval_recall" in entry]
+    assert len(per_epoch) >= 3
+    for name in ("README.md", "loss_curve.png", "model.safetensors"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.bin"))  # no pickles in the model directory
+
+
+def test_classify_qlora_end_to_end(base_dir, tmp_path):
+    from peft import PeftConfig
+    from transformers import AutoModelForSequenceClassification
+
+    train = _write_rows(tmp_path / "train.csv", _toy_rows(60))
+    out = tmp_path / "out"
+    assert _run(["--model_name_or_path", base_dir, "--train_file", str(train), "--validation_split_percentage", "20",
+                 "--output_dir", str(out), "--num_train_epochs", "1", "--learning_rate", "3e-3", "--qlora",
+                 "--lora_r", "4", "--lora_target_modules", "q_proj,v_proj", "--gradient_checkpointing", "true"]) == 0
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["method"] == "qlora" and summary["lora"]["r"] == 4
+    assert summary["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    assert summary["parameters"]["trainable"] < summary["parameters"]["total"] / 5
+    assert summary["memory"]["linear_ratio_to_fp32"] < 0.35
+    assert "merged_accuracy" in summary["final_metrics"]
+    assert PeftConfig.from_pretrained(out / "adapter").base_model_name_or_path == base_dir
+    merged = AutoModelForSequenceClassification.from_pretrained(out)
+    assert merged.config.id2label == {0: "ham", 1: "spam"}
+    assert merged.transformer.h[0].attn.q_proj.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lora", "--lora_target_modules", "c_attn"], "'c_attn' matches no linear layer.*q_proj, k_proj"),
+        (["--label_column", "category"], "no column 'category'; its columns are 'label', 'text'"),
+        (["--train_last_n_blocks", "5"], "the model has 2 blocks"),
+        (["--lora", "--train_last_n_blocks", "1"], "pick one"),
+        (["--class_weights", "1,2,3"], "need 2 positive numbers"),
+    ],
+)
+def test_classify_bad_input_is_a_clear_error(base_dir, tmp_path, capsys, extra, message):
+    train = _write_rows(tmp_path / "train.tsv", _toy_rows(20))
+    code = _run(["--model_name_or_path", base_dir, "--train_file", str(train), "--output_dir", str(tmp_path / "out"),
+                 *extra])
+    err = capsys.readouterr().err
+    assert code == 1 and re.search(message, err), err
+
+
+def test_classify_unknown_validation_label_is_a_clear_error(base_dir, tmp_path, capsys):
+    train = _write_rows(tmp_path / "train.tsv", _toy_rows(20))
+    validation = _write_rows(tmp_path / "validation.tsv", [("ham", "ok"), ("phishing", "click here")])
+    assert _run(["--model_name_or_path", base_dir, "--train_file", str(train), "--validation_file", str(validation),
+                 "--output_dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "'phishing'" in err and "'ham', 'spam'" in err
