@@ -26,3 +26,48 @@ def tiny_model(tiny_config):
 
     torch.manual_seed(0)
     return HFGPTForCausalLM(tiny_config).eval()
+
+
+def _tiny_corpus_lines(seed: int = 0, n_lines: int = 240) -> list[str]:
+    """A few KB of varied English-like lines made from word lists: capitals, numbers, punctuation, some non-ASCII."""
+    import random
+
+    rng = random.Random(seed)
+    subjects = ["the cat", "a dog", "my neighbour", "the old sailor", "every student", "our teacher", "the river",
+                "a small robot", "the baker", "her brother", "the city", "a quiet fox", "the café owner"]
+    verbs = ["sees", "likes", "carries", "finds", "paints", "follows", "remembers", "builds", "counts", "watches",
+             "answers", "opens", "sells", "reads"]
+    objects = ["the red house", "a long letter", "three apples", "the morning train", "a broken clock", "the garden",
+               "two blue boats", "the naïve question", "a warm loaf", "the mountain road", "some old coins",
+               "the window", "a map of Tōkyō"]
+    endings = [".", "!", "?", "...", ";", ","]
+    extras = ["yesterday", "at night", "in 1999", "after lunch", "with care", "very slowly", "for 42 minutes",
+              "near the sea", "again and again", "without a word"]
+    lines = []
+    for _ in range(n_lines):
+        parts = [rng.choice(subjects), rng.choice(verbs), rng.choice(objects)]
+        if rng.random() < 0.6:
+            parts.append(rng.choice(extras))
+        sentence = " ".join(parts)
+        if rng.random() < 0.5:
+            sentence = sentence[0].upper() + sentence[1:]
+        if rng.random() < 0.2:
+            sentence = f'"{sentence}," said {rng.choice(["Ann", "Bo", "Chidi", "Dana", "Émile"])}'
+        lines.append(sentence + rng.choice(endings) + ("\n\n" if rng.random() < 0.1 else "\n"))
+    return lines
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus():
+    """Training text for tokenizers and tiny language models: a list of lines, each ending with a newline."""
+    return _tiny_corpus_lines()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_corpus):
+    """A byte-level BPE with hfgpt's special tokens and chat template; vocab_size matches the `tiny` preset (512)."""
+    from hfgpt import HFGPTConfig
+    from hfgpt.tokenization import train_tokenizer
+
+    vocab_size = HFGPTConfig.from_preset("tiny").vocab_size
+    return train_tokenizer(iter(tiny_corpus), vocab_size=vocab_size, show_progress=False)
