@@ -5,6 +5,7 @@ import sys
 
 # name -> (module, function, one-line help). Modules are imported only when their subcommand runs.
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "pretrain": ("hfgpt.training.pretrain", "main", "pretrain a causal LM from text (files, a Hub dataset, or the built-in corpus)"),
     "sft": ("hfgpt.training.alignment", "sft_main", "instruction-tune a causal LM with TRL's SFTTrainer (assistant-only loss; --lora/--qlora)"),
     "dpo": ("hfgpt.training.alignment", "dpo_main", "align a causal LM to preference pairs with TRL's DPOTrainer (--beta, --loss_type; --lora/--qlora)"),
     "classify": ("hfgpt.training.classification", "main", "fine-tune a sequence classifier (full, last N blocks, --lora or --qlora)"),

@@ -13,8 +13,9 @@ HIDDEN_ACTS = ("gelu", "gelu_new", "relu", "swiglu")
 _GPT2 = dict(vocab_size=50257, max_position_embeddings=1024, bos_token_id=50256, eos_token_id=50256,
              hidden_act="gelu_new", bias=True, tie_word_embeddings=True)
 
-# Named shapes. `tiny` is for tests; `small` trains on a laptop CPU; the gpt2-* presets match OpenAI's GPT-2 shapes;
-# `modern` is the same 124M budget with the choices later models settled on (RoPE, RMSNorm, SwiGLU, GQA, no biases).
+# Named shapes. `tiny` is for tests; `mini` is the quickstart's (minutes on 2 CPU cores); `small` trains on a laptop
+# CPU; the gpt2-* presets match OpenAI's GPT-2 shapes; `modern` is the same 124M budget with the choices later models
+# settled on (RoPE, RMSNorm, SwiGLU, GQA, no biases).
 # Where the Auto classes find our code when the model is loaded with trust_remote_code=True (the files are copied
 # next to the weights by save_pretrained). All heads are listed, whichever head was saved.
 AUTO_MAP = {
@@ -26,6 +27,8 @@ AUTO_MAP = {
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=128),
+    "mini": dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                  max_position_embeddings=128),
     "small": dict(vocab_size=8192, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
                   max_position_embeddings=256),

@@ -161,12 +161,12 @@ def load_raw_datasets(
     raw = (IterableDatasetDict if streaming else DatasetDict)(
         {name: split for name, split in raw.items() if name in (TRAIN_SPLIT, VALIDATION_SPLIT)}
     )
-    if VALIDATION_SPLIT not in raw and validation_split_percentage > 0:
-        raw = hold_out_validation(raw[TRAIN_SPLIT], validation_split_percentage)
     for name, split in raw.items():
         check_columns(split, required_columns, name)
         if not streaming and len(split) == 0:
             raise DataError(f"The {name} split is empty (0 rows): the corpus has no text. Check the files or dataset.")
+    if VALIDATION_SPLIT not in raw and validation_split_percentage > 0:
+        raw = hold_out_validation(raw[TRAIN_SPLIT], validation_split_percentage)
     return raw
 
 
@@ -180,7 +180,11 @@ def _load_files(train_files, validation_files, streaming, sample_by, cache_dir) 
     empty = [path for paths in data_files.values() for path in paths if Path(path).stat().st_size == 0]
     if len(empty) == sum(map(len, data_files.values())):
         raise DataError(f"The corpus is empty: every data file is empty ({', '.join(empty)}).")
-    return load_dataset(builder, data_files=data_files, streaming=streaming, cache_dir=cache_dir, **kwargs)
+    raw = load_dataset(builder, data_files=data_files, streaming=streaming, cache_dir=cache_dir, **kwargs)
+    if builder == "text":  # blank lines (sample_by="line") are no documents
+        raw = raw.filter(lambda row: not row["text"].isspace() and row["text"] != "", **(
+            {} if streaming else {"desc": "Dropping blank lines"}))
+    return raw
 
 
 def _load_saved(path: str, streaming: bool) -> RawDatasets:

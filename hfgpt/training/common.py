@@ -1,0 +1,360 @@
+"""What every hfgpt training script shares, whatever the task (pretraining, classification, SFT, DPO).
+
+- `MatrixWeightDecayMixin`: put it before any `Trainer` subclass (`class T(MatrixWeightDecayMixin, SFTTrainer)`) to
+  decay only weight matrices; `decay_parameter_names` is the rule itself.
+- `PerplexityMixin`: adds `eval_perplexity = exp(eval_loss)` to every evaluation (causal LM tasks).
+- `LogHistoryCallback`: keeps log_history.json / .csv and loss_curve.png in the output directory up to date.
+- Checkpoints: `resolve_resume_checkpoint` finds the newest *complete* checkpoint (a crash while saving leaves an
+  incomplete one, which is skipped); `check_output_dir` refuses to mix a run into a directory holding another model.
+- The end of a run: `save_final_model` (no pickles in the model directory), `write_training_summary`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedConfig, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .. import files
+
+TRAINER_STATE_NAME = "trainer_state.json"  # the last file Trainer writes into a checkpoint
+TRAINING_ARGS_NAME = "training_args.bin"  # Trainer's pickle of the arguments; replaced by training_summary.json
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Optimizer: weight decay on matrices only
+
+
+def decay_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters that get weight decay: matrices (>= 2-D weights, e.g. every `nn.Linear` weight), but
+    never embeddings (token or position tables, nor an output layer tied to them), norms or biases.
+
+    Decay pulls weights towards 0; for a norm's gain that means towards "switch the feature off", and for an embedding
+    it penalises rare tokens for being rare, so both are left alone (as in GPT-2/nanoGPT, Llama and most LLM recipes).
+    Names are those of `model.named_parameters()`, wrapped models (DDP, FSDP) included.
+    """
+    embedding_parameters = {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)}
+    names = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            continue
+        for name, parameter in module.named_parameters(recurse=False):
+            if id(parameter) in embedding_parameters:
+                continue
+            # nn.Linear weights are matrices even when a sharding wrapper has flattened them to 1-D
+            if parameter.ndim >= 2 or (isinstance(module, nn.Linear) and name == "weight"):
+                names.append(f"{module_name}.{name}" if module_name else name)
+    return names
+
+
+class MatrixWeightDecayMixin:
+    """Weight decay on weight matrices only (see `decay_parameter_names`); every other Trainer behaviour unchanged,
+    including `--optim`, FSDP and DeepSpeed, which build their optimizers from these groups."""
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        return decay_parameter_names(model)
+
+
+class PerplexityMixin:
+    """Reports `<prefix>_perplexity = exp(<prefix>_loss)` with every evaluation (logged, so it reaches TensorBoard,
+    the log history and the loss curve). The loss is the mean token cross-entropy in nats."""
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        loss = output.metrics.get(f"{metric_key_prefix}_loss")
+        if loss is not None:
+            output.metrics[f"{metric_key_prefix}_perplexity"] = perplexity(loss)
+        return output
+
+
+def perplexity(mean_nll: float) -> float:
+    return math.exp(mean_nll) if mean_nll < 700 else float("inf")  # exp overflows a float above ~709
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Logs: JSON, CSV and the loss curve
+
+
+def write_log_history(output_dir: str | os.PathLike, log_history: list[dict]) -> None:
+    """`Trainer.state.log_history` as log_history.json and log_history.csv (one row per log, union of keys)."""
+    output_dir = Path(output_dir)
+    files.write_json(output_dir / files.LOG_HISTORY_JSON, log_history)
+    columns = list(dict.fromkeys(key for entry in log_history for key in entry))
+    tmp = output_dir / (files.LOG_HISTORY_CSV + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(log_history)
+    os.replace(tmp, output_dir / files.LOG_HISTORY_CSV)
+
+
+def plot_loss_curve(log_history: list[dict], path: str | os.PathLike, title: str | None = None) -> Path | None:
+    """Training loss and validation loss against the optimizer step; None when nothing was logged yet."""
+    train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
+    evals = [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry and "step" in entry]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; also safe in a training process without a GUI
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.2), dpi=110)
+    if train:
+        axes.plot(*zip(*train), label="training loss", linewidth=1.2)
+    if evals:
+        axes.plot(*zip(*evals), "o-", label="validation loss", linewidth=1.5, markersize=4)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("cross-entropy (nats per token)")
+    axes.set_title(title or "Loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)  # keep the extension: matplotlib picks the format from it
+    figure.savefig(tmp)
+    plt.close(figure)
+    os.replace(tmp, path)
+    return path
+
+
+class LogHistoryCallback(TrainerCallback):
+    """Writes log_history.json/.csv after every log and loss_curve.png after every evaluation and at the end, into
+    `args.output_dir` (main process only), so an interrupted run still leaves its curves behind."""
+
+    def __init__(self, title: str | None = None):
+        self.title = title
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero:
+            write_log_history(args.output_dir, state.log_history)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if state.is_world_process_zero:
+            plot_loss_curve(state.log_history, Path(args.output_dir) / files.LOSS_CURVE, self.title)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            write_log_history(args.output_dir, state.log_history)
+            plot_loss_curve(state.log_history, Path(args.output_dir) / files.LOSS_CURVE, self.title)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints and the output directory
+
+_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
+    """`checkpoint-<step>` directories, oldest step first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in output_dir.iterdir()
+             if path.is_dir() and (match := _CHECKPOINT_RE.match(path.name))]
+    return [path for _, path in sorted(found)]
+
+
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    """Trainer writes trainer_state.json last; a checkpoint without a readable one was interrupted while saving."""
+    try:
+        state = json.loads((Path(path) / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and "global_step" in state
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    complete = [path for path in checkpoint_dirs(output_dir) if is_complete_checkpoint(path)]
+    return complete[-1] if complete else None
+
+
+def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: str | os.PathLike) -> str | None:
+    """`--resume_from_checkpoint` -> the checkpoint directory to resume from, or None to start from scratch.
+
+    "true"/True: the newest complete checkpoint in `output_dir` (Trainer's own `get_last_checkpoint` would take the
+    newest directory even if a crash interrupted its writing). A path must be a complete checkpoint.
+    """
+    if resume_from_checkpoint in (None, False, "", "false", "False"):
+        return None
+    if resume_from_checkpoint in (True, "true", "True"):
+        found = last_complete_checkpoint(output_dir)
+        if found is None:
+            incomplete = [path.name for path in checkpoint_dirs(output_dir)]
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint: no complete checkpoint in {output_dir}"
+                + (f" (incomplete: {', '.join(incomplete)}; they lack a readable {TRAINER_STATE_NAME})" if incomplete
+                   else "") + ". Start without --resume_from_checkpoint, or point it at a checkpoint directory."
+            )
+        return str(found)
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {path}: no such directory. Pass a checkpoint-<step> "
+                                "directory, or `true` for the newest one in --output_dir.")
+    if not is_complete_checkpoint(path):
+        newest = last_complete_checkpoint(path.parent)
+        hint = f" The newest complete one next to it is {newest}." if newest else ""
+        raise ValueError(f"--resume_from_checkpoint {path} is not a complete checkpoint (no readable "
+                         f"{TRAINER_STATE_NAME}; was the run killed while saving it?).{hint}")
+    return str(path)
+
+
+# Config keys that do not change what the weights mean: metadata and training-time knobs.
+_CONFIG_KEYS_NOT_COMPARED = {
+    "transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype", "auto_map", "use_cache",
+    "output_attentions", "output_hidden_states", "return_dict", "initializer_range", "embedding_dropout",
+    "attention_dropout", "residual_dropout", "classifier_dropout", "chunk_size_feed_forward", "_attn_implementation",
+}
+
+
+def config_differences(saved: dict, config: PreTrainedConfig) -> dict[str, tuple]:
+    """{key: (saved value, new value)} for the keys that make `saved` (a config.json) a different model."""
+    new = json.loads(config.to_json_string(use_diff=False))
+    keys = (saved.keys() | new.keys()) - _CONFIG_KEYS_NOT_COMPARED
+    return {key: (saved.get(key), new.get(key)) for key in sorted(keys)
+            if key in saved and key in new and saved[key] != new[key]}
+
+
+def check_output_dir(output_dir: str | os.PathLike, config: PreTrainedConfig, resume_checkpoint: str | None,
+                     overwrite_output_dir: bool = False) -> None:
+    """Refuse to write a run into a directory that holds something else.
+
+    - A model whose config differs from `config` (in the directory or the checkpoint being resumed): error naming the
+      differences, unless `overwrite_output_dir`.
+    - A finished model or checkpoints of an earlier run, when not resuming: error unless `overwrite_output_dir`
+      (then the old checkpoints are deleted, so they cannot be mistaken for this run's).
+    """
+    output_dir = Path(output_dir)
+    sources = [Path(resume_checkpoint)] if resume_checkpoint else []
+    sources.append(output_dir)
+    for source in sources:
+        saved = files.read_json(source / "config.json")
+        if saved is None:
+            continue
+        differences = config_differences(saved, config)
+        if differences and not overwrite_output_dir:
+            listed = ", ".join(f"{key}: {old!r} there, {new!r} now" for key, (old, new) in list(differences.items())[:8])
+            raise ValueError(
+                f"{source} holds a different model ({listed}). Use another --output_dir, or pass "
+                f"--overwrite_output_dir to replace it" + (" (resuming needs the same model configuration)."
+                                                         if resume_checkpoint else ".")
+            )
+    if resume_checkpoint:
+        return
+    earlier = checkpoint_dirs(output_dir)
+    has_model = (output_dir / "config.json").is_file()
+    if (earlier or has_model) and not overwrite_output_dir:
+        what = ", ".join(filter(None, ["a trained model" if has_model else "",
+                                       f"{len(earlier)} checkpoint(s)" if earlier else ""]))
+        raise ValueError(
+            f"{output_dir} already holds {what} from an earlier run. Pass --resume_from_checkpoint true to continue "
+            "that run, --overwrite_output_dir to start again in it, or choose another --output_dir."
+        )
+    if overwrite_output_dir:
+        for path in earlier:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def has_accelerator() -> bool:
+    return torch.cuda.is_available() or _has_xpu() or torch.backends.mps.is_available()
+
+
+def launched_processes() -> int:
+    """How many processes `torchrun` / `accelerate launch` started (1 for a plain `python` run)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def use_cpu_for_multiple_cpu_processes(args) -> None:
+    """Call in a TrainingArguments subclass's `__post_init__`, before devices are set up: several processes on a
+    machine without GPUs need `use_cpu=True`, or each process trains alone while thinking it is one of several."""
+    if launched_processes() > 1 and not has_accelerator():
+        args.use_cpu = True
+
+
+def check_distributed_setup(args) -> None:
+    """Several processes were launched but Trainer does not see a distributed run: stop before training N copies."""
+    from transformers.training_args import ParallelMode
+
+    if launched_processes() > 1 and args.parallel_mode != ParallelMode.DISTRIBUTED:
+        raise ValueError(
+            f"{launched_processes()} processes were launched, but Trainer does not see a distributed run "
+            f"({args.parallel_mode}). On a machine without GPUs pass --use_cpu true (the processes then talk over "
+            "gloo); with GPUs, check that every process sees one."
+        )
+
+
+def check_mixed_precision(args) -> None:
+    """fp16 needs a GPU (CPU autocast to fp16 is slow and unscaled); bf16 is checked by TrainingArguments itself."""
+    if getattr(args, "fp16", False) and not (torch.cuda.is_available() or _has_xpu()):
+        raise ValueError("--fp16 needs a CUDA (or XPU) GPU and none is available. Drop --fp16 (the CPU trains in "
+                         "fp32), or use --bf16 on hardware that supports it.")
+
+
+def _has_xpu() -> bool:
+    return bool(getattr(torch, "xpu", None) and torch.xpu.is_available())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The end of a run
+
+
+def save_final_model(trainer, output_dir: str | os.PathLike) -> None:
+    """Save the complete model (weights as safetensors, config, modelling code, tokenizer, generation config) with
+    `trainer.save_model`, which also gathers sharded FSDP/DeepSpeed weights, then drop Trainer's pickled
+    training_args.bin: the model directory holds no pickle (the arguments go to training_summary.json)."""
+    fsdp_plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if trainer.is_fsdp_enabled and fsdp_plugin is not None:
+        fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")  # one loadable file, not per-rank shards
+    trainer.save_model(output_dir)
+    if trainer.args.should_save:
+        (Path(output_dir) / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+
+
+def training_arguments_summary(args) -> dict:
+    """The TrainingArguments worth recording (JSON-safe), without tokens or paths that say nothing about the run."""
+    keep = ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
+            "adam_epsilon", "max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps",
+            "num_train_epochs", "max_steps", "optim", "seed", "bf16", "fp16", "gradient_checkpointing")
+    values = args.to_dict()
+    summary = {key: values[key] for key in keep if key in values}
+    summary["world_size"] = args.world_size
+    summary["global_batch_size"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    return summary
+
+
+def write_training_summary(output_dir: str | os.PathLike, summary: dict) -> Path:
+    """training_summary.json (read by the model card)."""
+    return files.write_json(Path(output_dir) / files.TRAINING_SUMMARY, summary)
+
+
+__all__ = [
+    "LogHistoryCallback",
+    "MatrixWeightDecayMixin",
+    "PerplexityMixin",
+    "check_distributed_setup",
+    "check_mixed_precision",
+    "check_output_dir",
+    "checkpoint_dirs",
+    "config_differences",
+    "decay_parameter_names",
+    "is_complete_checkpoint",
+    "last_complete_checkpoint",
+    "perplexity",
+    "plot_loss_curve",
+    "resolve_resume_checkpoint",
+    "save_final_model",
+    "training_arguments_summary",
+    "use_cpu_for_multiple_cpu_processes",
+    "write_log_history",
+    "write_training_summary",
+]
