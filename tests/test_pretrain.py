@@ -151,10 +151,12 @@ def free_port() -> int:
 
 
 def test_two_ddp_processes_follow_the_single_process_loss_trajectory(tmp_path, corpus_file, tokenizer_dir):
+    """`accelerate launch` with train/accelerate/ddp.yaml, 2 CPU processes x 2 blocks = 1 process x 4 blocks."""
     steps = ["--max_steps", "4"]
     run_pretraining(*parse_args(tiny_run_args(tmp_path / "one", corpus_file, tokenizer_dir, *steps)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), "-m", "hfgpt.training.pretrain",
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "train" / "accelerate" / "ddp.yaml"), "--num_processes", "2", "--main_process_port",
+               str(free_port()), str(REPO / "train" / "pretrain.py"),
                *tiny_run_args(tmp_path / "two", corpus_file, tokenizer_dir, *steps,
                               "--per_device_train_batch_size", "2")]
     process = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -293,6 +294,18 @@ def check_distributed_setup(args) -> None:
         )
 
 
+def warn_if_sharding_is_ignored(trainer) -> None:
+    """FSDP and DeepSpeed need GPUs: on CPU processes accelerate falls back to plain DDP without a word. Say so."""
+    requested = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+                 if os.environ.get(variable, "false").lower() in ("1", "true")]
+    enabled = {"FSDP": trainer.is_fsdp_enabled, "DeepSpeed": trainer.is_deepspeed_enabled}
+    for name in requested:
+        if not enabled[name] and trainer.args.process_index == 0:
+            print(f"Warning: the accelerate config asks for {name}, but {name} is not active on this machine "
+                  f"({trainer.args.distributed_state.distributed_type}; {name} needs GPUs): training runs as plain "
+                  "data parallel.", file=sys.stderr)
+
+
 def check_mixed_precision(args) -> None:
     """fp16 needs a GPU (CPU autocast to fp16 is slow and unscaled); bf16 is checked by TrainingArguments itself."""
     if getattr(args, "fp16", False) and not (torch.cuda.is_available() or _has_xpu()):
@@ -355,6 +368,7 @@ __all__ = [
     "save_final_model",
     "training_arguments_summary",
     "use_cpu_for_multiple_cpu_processes",
+    "warn_if_sharding_is_ignored",
     "write_log_history",
     "write_training_summary",
 ]

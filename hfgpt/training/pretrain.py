@@ -53,6 +53,7 @@ from .common import (
     MatrixWeightDecayMixin,
     check_distributed_setup,
     use_cpu_for_multiple_cpu_processes,
+    warn_if_sharding_is_ignored,
     PerplexityMixin,
     check_mixed_precision,
     check_output_dir,
@@ -355,6 +356,7 @@ def prepare_pretraining(args: PretrainArguments, training_args: PretrainingArgum
         data_collator=PackedBlockCollator(),
         callbacks=[LogHistoryCallback(title=f"hfgpt pretraining: {output_dir.name}"), *callbacks],
     )
+    warn_if_sharding_is_ignored(trainer)
     summary = {
         "task": TASK,
         **{key: value for key, value in data_description.items() if value},
