@@ -288,3 +288,19 @@ def test_in_memory_model_needs_its_tokenizer_and_qlora_needs_a_path(tmp_path, ti
     with pytest.raises(ValueError, match="--qlora quantises the weights while the model loads"):
         run_sft(fresh_model(tiny_tokenizer), instruction_rows(4), config(HFGPTSFTConfig, tmp_path),
                 tokenizer=tiny_tokenizer, peft_args=PeftArguments(qlora=True))
+
+
+def test_command_line_help_and_bad_input(tmp_path, base_dir, capsys):
+    for main in (sft_main, dpo_main):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--help"])
+        assert exit_info.value.code == 0
+    assert "--ref_model_name_or_path" in capsys.readouterr().out
+    rows = preference_rows(10)
+    del rows[3]["rejected"]
+    code = dpo_main(["--model_name_or_path", str(base_dir), "--output_dir", str(tmp_path / "dpo"), "--report_to",
+                     "none", "--train_file", write_jsonl(tmp_path / "preferences.jsonl", rows)])
+    assert code == 1  # a message, not a traceback, and nothing trained
+    message = f"hfgpt dpo: error: row 3 of {tmp_path / 'preferences.jsonl'} has no 'rejected' field"
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "dpo" / "config.json").exists()

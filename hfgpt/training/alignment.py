@@ -1,11 +1,13 @@
 """Instruction tuning (SFT) and preference tuning (DPO) with TRL, for hfgpt models and any other causal LM.
 
-    from trl import SFTConfig, DPOConfig
-    from hfgpt.training.alignment import run_sft, run_dpo
+    from hfgpt.training.alignment import HFGPTDPOConfig, HFGPTSFTConfig, run_dpo, run_sft
 
-    sft = run_sft("out/pretrained", instruction_rows, SFTConfig("out/sft", bf16=False), eval_dataset=held_out)
-    dpo = run_dpo("out/sft", preference_rows, DPOConfig("out/dpo", bf16=False, beta=0.1), eval_dataset=held_out_pairs)
-    dpo.metrics["preference"]["reward_accuracy"]
+    sft = run_sft("out/pretrained", instruction_rows, HFGPTSFTConfig("out/sft"), eval_dataset=held_out)
+    dpo = run_dpo("out/sft", preference_rows, HFGPTDPOConfig("out/dpo", beta=0.1), eval_dataset=held_out_pairs)
+    dpo.metrics["preference"]["reward_accuracy"], dpo.metrics["rouge"]["rougeL"]
+
+(`HFGPTSFTConfig` / `HFGPTDPOConfig` are TRL's configs with hfgpt's defaults: assistant-only loss, and bf16 only on
+hardware that has it; TRL's own `SFTConfig` / `DPOConfig` work too.)
 
 Both take the model as a directory, a Hub id or an in-memory model, and rows in any shape `hfgpt.data.chat` reads
 (Alpaca `instruction`/`input`/`output`, chat `messages`, preference rows with `chosen`/`rejected`). Formatting goes
@@ -30,6 +32,7 @@ import copy
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,8 @@ from .common import (
 logger = logging.getLogger(__name__)
 
 ModelLike = Any  # a path, a Hub id, or a transformers / PEFT model
+SFT_TASK = "instruction tuning (SFT)"
+DPO_TASK = "preference tuning (DPO)"
 
 
 def default_bf16() -> bool:
@@ -69,7 +74,7 @@ class HFGPTSFTConfig(trl.SFTConfig):
 
     assistant_only_loss: bool = field(
         default=True,
-        metadata={"help": "Compute the loss on the assistant's tokens only (the chat template's {% generation %} "
+        metadata={"help": "Compute the loss on the assistant's tokens only (the chat template's {%% generation %%} "
                           "blocks). hfgpt's default: True."},
     )
 
@@ -113,7 +118,7 @@ class AlignmentArguments:
     )
     validation_file: list[str] | None = field(
         default=None,
-        metadata={"help": "Held-out rows. Without it, the last --validation_split_percentage % of the training "
+        metadata={"help": "Held-out rows. Without it, the last --validation_split_percentage %% of the training "
                           "rows are held out."},
     )
     dataset_name: str | None = field(
@@ -210,16 +215,15 @@ def check_model_and_tokenizer(model, tokenizer, assistant_masks: bool) -> None:
         )
 
 
-def stop_at_end_of_turn(model, tokenizer) -> None:
+def stop_at_end_of_turn(generation_config, tokenizer) -> None:
     """The chat template ends every turn with the tokenizer's EOS: make generate() (and pipelines) stop there."""
     eos = tokenizer.eos_token_id
-    generation_config = getattr(model, "generation_config", None)
     if eos is None or generation_config is None:
         return
     current = generation_config.eos_token_id
     current = [] if current is None else [current] if isinstance(current, int) else list(current)
     if eos not in current:
-        generation_config.eos_token_id = current[0] if current == [eos] else [eos, *current] if current else eos
+        generation_config.eos_token_id = [eos, *current] if current else eos
     if generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
         generation_config.pad_token_id = tokenizer.pad_token_id
 
@@ -304,7 +308,8 @@ def prepare_preference_dataset(rows, tokenizer, max_length: int | None, source: 
 
 
 def generate_and_score(model, tokenizer, prompts: list, references: list[str], max_new_tokens: int = 128,
-                       batch_size: int = 8, source: str | None = None, progress: bool = True) -> tuple[list[dict], dict]:
+                       batch_size: int = 8, source: str | None = None,
+                       progress: bool = True) -> tuple[list[dict], dict]:
     """Greedy answers to chat prompts, paired with their references, and their ROUGE scores.
 
     Returns the rows `{"prompt", "prediction", "reference"}` and `{"rouge1", ..., "rougeL", "num_examples", ...}`."""
@@ -348,7 +353,10 @@ def write_generations(rows: list[dict], path: str | os.PathLike) -> Path:
 
 def preference_metrics(trainer) -> dict:
     """DPO's implicit rewards on the trainer's held-out pairs: how often the policy prefers `chosen` over `rejected`
-    relative to the reference (reward accuracy) and by how much (margin of beta * log-ratio). TRL averages per batch."""
+    relative to the reference (reward accuracy) and by how much (margin of beta * log-ratio).
+
+    These are TRL's evaluation metrics, which average the per-batch means: exact when the number of pairs is a
+    multiple of `per_device_eval_batch_size`, otherwise the last (smaller) batch weighs a little more."""
     raw = trainer.evaluate()  # TRL names its metrics eval_* whatever metric_key_prefix says
     return {
         "reward_accuracy": raw["eval_rewards/accuracies"],
@@ -357,6 +365,7 @@ def preference_metrics(trainer) -> dict:
         "reward_rejected": raw["eval_rewards/rejected"],
         "loss": raw["eval_loss"],
         "num_pairs": len(trainer.eval_dataset),
+        "eval_batch_size": trainer.args.per_device_eval_batch_size,
         "beta": trainer.args.beta,
         "loss_type": list(trainer.args.loss_type),
     }
@@ -368,8 +377,7 @@ def preference_metrics(trainer) -> dict:
 def _base_model_path(model) -> str | None:
     """Where a PEFT model's base can be reloaded from (a directory or Hub id), or None for an in-memory base."""
     config = model.peft_config.get("default") if hasattr(model, "peft_config") else None
-    name = getattr(config, "base_model_name_or_path", None) or None
-    return name
+    return getattr(config, "base_model_name_or_path", None) or None
 
 
 def save_outputs(trainer, tokenizer, output_dir: str | os.PathLike, merge_adapter: bool = True) -> dict:
@@ -381,7 +389,7 @@ def save_outputs(trainer, tokenizer, output_dir: str | os.PathLike, merge_adapte
 
     output_dir = Path(output_dir)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    stop_at_end_of_turn(model, tokenizer)
+    stop_at_end_of_turn(getattr(model, "generation_config", None), tokenizer)
     if not isinstance(model, PeftModel):
         save_final_model(trainer, output_dir)
         return {"model": str(output_dir)}
@@ -404,16 +412,22 @@ def stop_at_end_of_turn_in_dir(model_dir: Path, tokenizer) -> None:
     """The merged model is written from a reloaded base: give its saved generation config the end-of-turn stop too."""
     from transformers import GenerationConfig
 
-    try:
-        generation_config = GenerationConfig.from_pretrained(model_dir)
-    except OSError:
+    if not (Path(model_dir) / "generation_config.json").is_file():
         return
-    holder = type("Holder", (), {"generation_config": generation_config})()
-    stop_at_end_of_turn(holder, tokenizer)
+    generation_config = GenerationConfig.from_pretrained(model_dir)
+    stop_at_end_of_turn(generation_config, tokenizer)
     generation_config.save_pretrained(model_dir)
 
 
 # --- the runs ---------------------------------------------------------------------------------------------------------
+
+
+def _source_name(data_source: dict, key: str, default: str) -> str:
+    """How messages and results name a part of the data ("train": a file, a list of files or a dataset name)."""
+    value = data_source.get(key)
+    if isinstance(value, (list, tuple)):
+        value = ", ".join(map(str, value))
+    return value or default
 
 
 @dataclass
@@ -463,11 +477,11 @@ def build_sft_trainer(model: ModelLike, train_dataset, args: trl.SFTConfig, toke
         model, tokenizer, args, peft_args, overwrite_output_dir)
     data_source = data_source or {}
     train = prepare_sft_dataset(train_dataset, tokenizer, args.max_length,
-                                data_source.get("train") or "the training rows")
+                                _source_name(data_source, "train", "the training rows"))
     evaluation = None
     if eval_dataset is not None:
         evaluation = prepare_sft_dataset(eval_dataset, tokenizer, args.max_length,
-                                         data_source.get("validation") or "the validation rows")
+                                         _source_name(data_source, "validation", "the validation rows"))
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                          processing_class=tokenizer, peft_config=peft_config,
                          callbacks=[LogHistoryCallback("Instruction tuning (SFT) loss")])
@@ -505,11 +519,11 @@ def build_dpo_trainer(model: ModelLike, train_dataset, args: trl.DPOConfig, toke
         reference_name = str(ref_model) if _is_path_or_id(ref_model) else "given in memory"
         check_model_and_tokenizer(reference, tokenizer, assistant_masks=False)
     train = prepare_preference_dataset(train_dataset, tokenizer, args.max_length,
-                                       data_source.get("train") or "the training pairs")
+                                       _source_name(data_source, "train", "the training pairs"))
     evaluation = None
     if eval_dataset is not None:
         evaluation = prepare_preference_dataset(eval_dataset, tokenizer, args.max_length,
-                                                data_source.get("validation") or "the held-out pairs")
+                                                _source_name(data_source, "validation", "the held-out pairs"))
     trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=train, eval_dataset=evaluation,
                          processing_class=tokenizer, peft_config=peft_config,
                          callbacks=[LogHistoryCallback("Preference tuning (DPO) loss")])
@@ -553,7 +567,7 @@ def train_and_finish(task: str, run: PreparedRun, eval_prompts=None, generation:
 
     generations = []
     if eval_prompts is not None and len(eval_prompts) > 0:
-        source = data_source.get("eval_prompts") or "the held-out prompts"
+        source = _source_name(data_source, "eval_prompts", "the held-out prompts")
         prompts, references = held_out_prompts(eval_prompts, source, generation.max_eval_prompts)
         generations, rouge = generate_and_score(trainer.model, run.tokenizer, prompts, references,
                                                 generation.max_new_tokens, generation.batch_size, source,
@@ -566,7 +580,8 @@ def train_and_finish(task: str, run: PreparedRun, eval_prompts=None, generation:
         logger.warning("No held-out prompts (no validation rows and no --eval_prompts_file): nothing generated.")
     if "preference" in metrics and args.should_save:
         files.update_eval_results(output_dir, "preference", {
-            **metrics["preference"], "dataset": {"name": data_source.get("validation") or "the held-out pairs"}})
+            **metrics["preference"],
+            "dataset": {"name": _source_name(data_source, "validation", "the held-out pairs")}})
 
     summary = {
         "task": task,
@@ -604,7 +619,7 @@ def run_sft(model: ModelLike, train_dataset, args: trl.SFTConfig, tokenizer: Mod
     push_to_hub, args.push_to_hub = args.push_to_hub, False  # hfgpt writes the card, then pushes the whole directory
     run = build_sft_trainer(model, train_dataset, args, tokenizer, eval_dataset, peft_args, overwrite_output_dir,
                             data_source)
-    return train_and_finish("instruction tuning (SFT)", run, eval_dataset if eval_prompts is None else eval_prompts,
+    return train_and_finish(SFT_TASK, run, eval_dataset if eval_prompts is None else eval_prompts,
                             generation, data_source, push_to_hub)
 
 
@@ -623,7 +638,7 @@ def run_dpo(model: ModelLike, train_dataset, args: trl.DPOConfig, tokenizer: Mod
     push_to_hub, args.push_to_hub = args.push_to_hub, False
     run = build_dpo_trainer(model, train_dataset, args, tokenizer, eval_dataset, ref_model, peft_args,
                             overwrite_output_dir, data_source)
-    return train_and_finish("preference tuning (DPO)", run, eval_dataset if eval_prompts is None else eval_prompts,
+    return train_and_finish(DPO_TASK, run, eval_dataset if eval_prompts is None else eval_prompts,
                             generation, data_source, push_to_hub)
 
 
@@ -673,28 +688,39 @@ def _report(result: AlignmentResult) -> None:
     print(f"Saved to {result.output_dir}")
 
 
+def _prepare_from_command_line(build, script_args, peft_args, args, **extra):
+    """Data, held-out prompts and the trainer; every check on the user's input happens here, before training."""
+    train, held_out, eval_prompts, data_source, generation = _script_inputs(script_args)
+    push_to_hub, args.push_to_hub = args.push_to_hub, False  # hfgpt pushes the finished directory itself
+    run = build(script_args.model_name_or_path, train, args, tokenizer=script_args.tokenizer_name_or_path,
+                eval_dataset=held_out, peft_args=peft_args, overwrite_output_dir=script_args.overwrite_output_dir,
+                data_source=data_source, **extra)
+    return run, (held_out if eval_prompts is None else eval_prompts), generation, data_source, push_to_hub
+
+
+def _command(prog: str, task: str, build, config_class, arguments_class, argv, **extra_from_args) -> int:
+    script_args, peft_args, args = _parse(config_class, arguments_class, argv, prog)
+    extra = {name: getattr(script_args, attribute) for name, attribute in extra_from_args.items()}
+    try:
+        run, eval_prompts, generation, data_source, push_to_hub = _prepare_from_command_line(
+            build, script_args, peft_args, args, **extra)
+    except (FileNotFoundError, ValueError) as error:  # bad input: a message, not a traceback
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 1
+    _report(train_and_finish(task, run, eval_prompts, generation, data_source, push_to_hub))
+    return 0
+
+
 def sft_main(argv: list[str] | None = None) -> int:
     """`hfgpt sft` / `python train/sft.py`: every SFTConfig field plus the AlignmentArguments and --lora/--qlora."""
-    script_args, peft_args, args = _parse(HFGPTSFTConfig, AlignmentArguments, argv, "hfgpt sft")
-    train, held_out, eval_prompts, data_source, generation = _script_inputs(script_args)
-    result = run_sft(script_args.model_name_or_path, train, args, tokenizer=script_args.tokenizer_name_or_path,
-                     eval_dataset=held_out, eval_prompts=eval_prompts, peft_args=peft_args, generation=generation,
-                     overwrite_output_dir=script_args.overwrite_output_dir, data_source=data_source)
-    _report(result)
-    return 0
+    return _command("hfgpt sft", SFT_TASK, build_sft_trainer, HFGPTSFTConfig, AlignmentArguments, argv)
 
 
 def dpo_main(argv: list[str] | None = None) -> int:
     """`hfgpt dpo` / `python train/dpo.py`: every DPOConfig field (--beta, --loss_type ...) plus the DPOArguments
     (--ref_model_name_or_path ...) and --lora/--qlora."""
-    script_args, peft_args, args = _parse(HFGPTDPOConfig, DPOArguments, argv, "hfgpt dpo")
-    train, held_out, eval_prompts, data_source, generation = _script_inputs(script_args)
-    result = run_dpo(script_args.model_name_or_path, train, args, tokenizer=script_args.tokenizer_name_or_path,
-                     eval_dataset=held_out, ref_model=script_args.ref_model_name_or_path, eval_prompts=eval_prompts,
-                     peft_args=peft_args, generation=generation,
-                     overwrite_output_dir=script_args.overwrite_output_dir, data_source=data_source)
-    _report(result)
-    return 0
+    return _command("hfgpt dpo", DPO_TASK, build_dpo_trainer, HFGPTDPOConfig, DPOArguments, argv,
+                    ref_model="ref_model_name_or_path")
 
 
 __all__ = [
