@@ -84,7 +84,7 @@ class HFGPTConfig(PreTrainedConfig):
     """
 
     model_type = "hfgpt"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache"]
     attribute_map = {
         "n_embd": "hidden_size",
         "n_layer": "num_hidden_layers",

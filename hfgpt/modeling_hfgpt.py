@@ -26,6 +26,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_hfgpt import HFGPTConfig
 
@@ -168,7 +169,7 @@ class HFGPTAttention(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -179,8 +180,8 @@ class HFGPTAttention(nn.Module):
 
         if position_embeddings is not None:  # rotary: positions enter by rotating q and k, not the residual stream
             query, key = apply_rotary(query, key, *position_embeddings)
-        if past_key_values is not None:  # append this step's keys/values, get back the whole history
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:  # append this step's keys/values, get back the whole history
+            key, value = cache.update(key, value, self.layer_idx)
 
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -245,16 +246,16 @@ class HFGPTBlock(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = hidden_states
         if self.pre_norm:
-            attn_out, weights = self.attn(self.ln_1(x), attention_mask, position_embeddings, past_key_values, **kwargs)
+            attn_out, weights = self.attn(self.ln_1(x), attention_mask, position_embeddings, cache, **kwargs)
             x = x + self.dropout(attn_out)
             x = x + self.dropout(self.mlp(self.ln_2(x)))
         else:
-            attn_out, weights = self.attn(x, attention_mask, position_embeddings, past_key_values, **kwargs)
+            attn_out, weights = self.attn(x, attention_mask, position_embeddings, cache, **kwargs)
             x = self.ln_1(x + self.dropout(attn_out))
             x = self.ln_2(x + self.dropout(self.mlp(x)))
         return x, weights
@@ -270,7 +271,7 @@ class HFGPTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["HFGPTBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -330,12 +331,13 @@ class HFGPTModel(HFGPTPreTrainedModel):
             )
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # transformers' name before 5.24
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
@@ -357,13 +359,13 @@ class HFGPTModel(HFGPTPreTrainedModel):
         # A cache only helps generation; during training it would also hide packed documents from the mask.
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        cache_from_caller = past_key_values
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        cache_from_caller = cache
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
 
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
         self._check_length(past_length, inputs_embeds.shape[1])
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_length
@@ -384,7 +386,7 @@ class HFGPTModel(HFGPTPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=cache_from_caller,
+            cache=cache_from_caller,
             position_ids=position_ids,
         )
 
@@ -397,7 +399,7 @@ class HFGPTModel(HFGPTPreTrainedModel):
                 hidden_states,
                 attention_mask=mask,
                 position_embeddings=position_embeddings,
-                past_key_values=past_key_values,
+                cache=cache,
                 **kwargs,
             )
             if output_attentions:
@@ -408,7 +410,7 @@ class HFGPTModel(HFGPTPreTrainedModel):
 
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            cache=cache if use_cache else None,
             hidden_states=all_hidden_states,
             attentions=all_attentions,
         )
@@ -436,12 +438,13 @@ class HFGPTForCausalLM(HFGPTPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # transformers' name before 5.24
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -459,7 +462,7 @@ class HFGPTForCausalLM(HFGPTPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -476,7 +479,7 @@ class HFGPTForCausalLM(HFGPTPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
@@ -508,12 +511,13 @@ class HFGPTForSequenceClassification(HFGPTPreTrainedModel):
         return torch.full((batch_size,), seq_len - 1, device=device)
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # transformers' name before 5.24
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -525,7 +529,7 @@ class HFGPTForSequenceClassification(HFGPTPreTrainedModel):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=False if use_cache is None else use_cache,
             output_attentions=output_attentions,
@@ -546,7 +550,7 @@ class HFGPTForSequenceClassification(HFGPTPreTrainedModel):
         return SequenceClassifierOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )

@@ -28,11 +28,11 @@ def test_static_cache_decode_step_compiles_in_one_graph():
     cache = StaticCache(config=model.config, max_cache_len=16)
     step = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, cache=cache, use_cache=True)
         tokens = ids
         for _ in range(4):
             next_token = out.logits[:, -1:].argmax(-1)
             tokens = torch.cat([tokens, next_token], dim=1)
             position = torch.tensor([[tokens.shape[1] - 1]])
-            out = step(next_token, past_key_values=cache, position_ids=position, use_cache=True)
+            out = step(next_token, cache=cache, position_ids=position, use_cache=True)
     assert torch.equal(tokens, expected)

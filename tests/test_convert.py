@@ -146,7 +146,7 @@ def test_step_by_step_greedy_decode_with_cache_matches(gpt2_dir, converted_dir):
         for _ in range(20):
             for name, model in models.items():
                 new_tokens = tokens[name][:, caches[name].get_seq_length():]  # the whole prompt, then one token
-                logits = model(input_ids=new_tokens, past_key_values=caches[name], use_cache=True).logits[:, -1]
+                logits = model(input_ids=new_tokens, cache=caches[name], use_cache=True).logits[:, -1]
                 step_logits[name].append(logits)
                 tokens[name] = torch.cat([tokens[name], logits.argmax(-1, keepdim=True)], dim=1)
             torch.testing.assert_close(step_logits["hfgpt"][-1], step_logits["gpt2"][-1], atol=ATOL, rtol=0)

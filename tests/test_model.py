@@ -127,12 +127,24 @@ def test_manual_decode_with_cache_objects_matches_full_forward():
         ids = random_ids(1, 10)
         full = model(ids, use_cache=False).logits
         for cache in (DynamicCache(config=model.config), StaticCache(config=model.config, max_cache_len=16)):
-            out = model(ids[:, :6], past_key_values=cache, use_cache=True)
+            out = model(ids[:, :6], cache=cache, use_cache=True)
             steps = [out.logits]
             for t in range(6, 10):
-                out = model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+                out = model(ids[:, t:t + 1], cache=out.cache, use_cache=True)
                 steps.append(out.logits)
             torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_pre_5_24_past_key_values_name_still_feeds_the_cache():
+    # transformers 5.24 renamed past_key_values -> cache; code written for the old name must keep decoding right
+    model = make_model()
+    ids = random_ids(1, 8)
+    full = model(ids, use_cache=False).logits
+    cache = DynamicCache(config=model.config)
+    model(ids[:, :7], past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 7
+    last = model(ids[:, 7:], past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(last[:, -1], full[:, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_generation_modes():
