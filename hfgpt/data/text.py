@@ -139,17 +139,11 @@ class PackedBlockCollator:
         return {"input_ids": input_ids, "position_ids": position_ids, "labels": input_ids.clone()}
 
 
-def count_characters(dataset: Dataset, text_column: str = "text") -> int:
-    """Characters in a text column (for per-character metrics, which compare models with different tokenizers)."""
-    return sum(len(text) for text in dataset[text_column] if isinstance(text, str))
-
-
 __all__ = [
     "BLOCK_COLUMNS",
     "PackedBlockCollator",
     "build_lm_datasets",
     "check_block_size",
-    "count_characters",
     "document_separator_id",
     "pack_blocks",
     "pack_token_stream",

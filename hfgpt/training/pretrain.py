@@ -138,7 +138,7 @@ class PretrainingArguments(TrainingArguments):
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Blocks per device per step."})
     per_device_eval_batch_size: int = field(default=16, metadata={"help": "Blocks per device per eval step."})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training blocks."})
+    num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs over the training blocks."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps (or a fraction of the run)."})
     eval_strategy: IntervalStrategy | str = field(default="steps", metadata={"help": "When to evaluate: no, steps, epoch."})
     eval_steps: float | None = field(default=0.2, metadata={"help": "Evaluate every N steps (or a fraction)."})
@@ -200,21 +200,15 @@ def build_config(preset: str, overrides: dict, tokenizer: PreTrainedTokenizerBas
 
 
 def _texts(split, column: str, max_chars: int) -> Iterator[list[str]]:
-    """Batches of texts from a split, up to `max_chars` characters (the tokenizer trainer's input)."""
-    total, batch = 0, []
-    for row in split:
-        text = row[column]
-        if not isinstance(text, str) or not text:
-            continue
-        batch.append(text)
-        total += len(text)
-        if len(batch) == 1000 or total >= max_chars:
-            yield batch
-            batch = []
+    """Batches of non-empty texts from a split, up to about `max_chars` characters (the tokenizer trainer's input)."""
+    total = 0
+    for batch in split.iter(batch_size=1000):
+        texts = [text for text in batch[column] if isinstance(text, str) and text]
+        if texts:
+            yield texts
+        total += sum(map(len, texts))
         if total >= max_chars:
             return
-    if batch:
-        yield batch
 
 
 def load_or_train_tokenizer(args: PretrainArguments, training_args: TrainingArguments, raw,
@@ -233,7 +227,7 @@ def load_or_train_tokenizer(args: PretrainArguments, training_args: TrainingArgu
 
     vocab_size = args.vocab_size or HFGPTConfig.from_preset(args.preset).vocab_size
     source = f"byte-level BPE trained on the training split (vocab_size={vocab_size})"
-    if training_args.world_size > 1 and not (training_args.process_index == 0):
+    if training_args.world_size > 1 and training_args.process_index != 0:
         return AutoTokenizer.from_pretrained(_shared_tokenizer_dir(training_args)), source
     print(f"Training a byte-level BPE tokenizer (vocab_size={vocab_size}) on the training split...")
     tokenizer = train_tokenizer(_texts(raw["train"], args.text_column, args.tokenizer_max_chars),
@@ -247,7 +241,7 @@ def _shared_tokenizer_dir(training_args: TrainingArguments) -> Path:
     return Path(training_args.output_dir) / ".tokenizer-for-other-processes"
 
 
-def load_training_rows(args: PretrainArguments, training_args: TrainingArguments):
+def load_training_rows(args: PretrainArguments):
     """The raw rows and a description of the data for the training summary."""
     if args.train_file or args.dataset_name:
         raw = load_raw_datasets(
@@ -320,14 +314,14 @@ def prepare_pretraining(args: PretrainArguments, training_args: PretrainingArgum
     if args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming data has no length, so the run needs --max_steps.")
 
-    raw, data_description = load_training_rows(args, training_args)
+    raw, data_description = load_training_rows(args)
     with training_args.main_process_first(desc="tokenizer", local=False):
         tokenizer, tokenizer_source = load_or_train_tokenizer(args, training_args, raw, resume_checkpoint)
     config = build_config(args.preset, parse_config_overrides(args.config_overrides), tokenizer)
     block_size = args.block_size or config.max_position_embeddings
     check_block_size(block_size, config.max_position_embeddings)
     tokenizer.model_max_length = config.max_position_embeddings
-    if (training_args.process_index == 0):
+    if training_args.process_index == 0:
         check_output_dir(output_dir, config, resume_checkpoint, args.overwrite_output_dir)
 
     with training_args.main_process_first(desc="tokenizing and packing"):
@@ -343,7 +337,7 @@ def prepare_pretraining(args: PretrainArguments, training_args: PretrainingArgum
     model.generation_config.update(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                                    pad_token_id=config.pad_token_id)
     num_blocks = len(blocks["train"]) if isinstance(blocks["train"], Dataset) else None
-    if (training_args.process_index == 0):
+    if training_args.process_index == 0:
         print(f"Model: {model.num_parameters() / 1e6:.2f}M parameters ({args.preset} preset"
               f"{', ' + args.config_overrides if args.config_overrides else ''}); block size {block_size}; "
               f"{num_blocks if num_blocks is not None else 'streamed'} training blocks.")
@@ -383,7 +377,7 @@ def train_and_save(run: PretrainingRun) -> dict:
     metrics["wall_time_seconds"] = round(time.time() - run.started, 1)
 
     save_final_model(trainer, output_dir)
-    if (training_args.process_index == 0):
+    if training_args.process_index == 0:
         hyperparameters = training_arguments_summary(training_args)
         write_training_summary(output_dir, {
             **run.summary,
