@@ -1,0 +1,258 @@
+"""Tiny Shakespeare: validation loss in nats per character after a fixed wall-clock training budget.
+
+    python bench/shakespeare.py --config bpe512-modern-4x128-b128 --time_budget 60   # one configuration
+    python bench/shakespeare.py --reference                                          # + the reference run first;
+                                                                                     #   its wall time is the budget
+
+Data: ../shared/data/tinyshakespeare.txt, first 90% of the characters for training, last 10% for validation (nanoGPT's
+split). Every run goes through hfgpt's own pipeline: `hfgpt.training.pretrain` (tokenizer training with
+`hfgpt.tokenization`, `hfgpt.data` loading and packing, the Trainer with decay on matrices), with each split read as one
+document and cut into blocks.
+
+The metric is total validation nats / validation characters (over the tokens each block predicts), so character-level
+and BPE tokenizers compare. The reference is nanoGPT's CPU "baby GPT" recipe (4 layers, 4 heads, 128 wide, block 64,
+batch 12, 2000 iterations, lr 1e-3 -> 1e-4 cosine, 100 warmup, beta2 0.99, dropout 0, character tokens), which
+reaches 1.88 nats/char in nanoGPT; `--reference` re-runs that recipe here with hfgpt to measure its wall time on this
+machine (and checks that hfgpt reproduces its loss). A configuration's training budget is the measured reference time,
+or `--time_budget`. The number of steps is chosen from a short timing run so that the cosine schedule ends inside the
+budget; a callback stops training if the machine gets slower than timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+REFERENCE_NATS_PER_CHAR = 1.88  # nanoGPT README, baby GPT on CPU, 2000 iterations
+CHAR_VOCAB = 261  # hfgpt's byte-level BPE with no merges: 256 bytes + 5 special tokens = one token per ASCII character
+
+# name -> pretrain arguments. "steps" is used only by the reference (fixed 2000 iterations); the others get the budget.
+CONFIGS: dict[str, dict] = {
+    "baby-gpt": dict(  # nanoGPT's baby GPT: GPT-2 blocks, exact GELU, no biases, learned positions
+        vocab_size=CHAR_VOCAB, block_size=64, batch_size=12, learning_rate=1e-3, min_lr=1e-4, warmup_steps=100,
+        adam_beta2=0.99, steps=2000,
+        overrides="hidden_size=128,num_hidden_layers=4,num_attention_heads=4,max_position_embeddings=64,bias=false,"
+               "hidden_act=gelu",
+    ),
+    "char-4x128-b128": dict(
+        vocab_size=CHAR_VOCAB, block_size=128, batch_size=16, learning_rate=2e-3, min_lr=1e-4, warmup_steps=50,
+        adam_beta2=0.99,
+        overrides="hidden_size=128,num_hidden_layers=4,num_attention_heads=4,max_position_embeddings=128,bias=false",
+    ),
+    "char-modern-4x128-b128": dict(
+        vocab_size=CHAR_VOCAB, block_size=128, batch_size=16, learning_rate=2e-3, min_lr=1e-4, warmup_steps=50,
+        adam_beta2=0.99,
+        overrides="hidden_size=128,num_hidden_layers=4,num_attention_heads=4,max_position_embeddings=128,bias=false,"
+               "position_embedding_type=rope,norm_type=rmsnorm,hidden_act=swiglu",
+    ),
+    "bpe512-modern-4x128-b64": dict(
+        vocab_size=512, block_size=64, batch_size=16, learning_rate=2e-3, min_lr=1e-4, warmup_steps=50,
+        adam_beta2=0.99,
+        overrides="hidden_size=128,num_hidden_layers=4,num_attention_heads=4,max_position_embeddings=64,bias=false,"
+                  "position_embedding_type=rope,norm_type=rmsnorm,hidden_act=swiglu",
+    ),
+    "bpe512-modern-4x128-b128": dict(
+        vocab_size=512, block_size=128, batch_size=12, learning_rate=2e-3, min_lr=1e-4, warmup_steps=50,
+        adam_beta2=0.99,
+        overrides="hidden_size=128,num_hidden_layers=4,num_attention_heads=4,max_position_embeddings=128,bias=false,"
+                  "position_embedding_type=rope,norm_type=rmsnorm,hidden_act=swiglu",
+    ),
+    "bpe1024-modern-4x128-b128": dict(
+        vocab_size=1024, block_size=128, batch_size=12, learning_rate=2e-3, min_lr=1e-4, warmup_steps=50,
+        adam_beta2=0.99,
+        overrides="hidden_size=128,num_hidden_layers=4,num_attention_heads=4,max_position_embeddings=128,bias=false,"
+                  "position_embedding_type=rope,norm_type=rmsnorm,hidden_act=swiglu",
+    ),
+    "bpe512-modern-4x192-b128": dict(
+        vocab_size=512, block_size=128, batch_size=12, learning_rate=2e-3, min_lr=1e-4, warmup_steps=50,
+        adam_beta2=0.99,
+        overrides="hidden_size=192,num_hidden_layers=4,num_attention_heads=4,max_position_embeddings=128,bias=false,"
+                  "position_embedding_type=rope,norm_type=rmsnorm,hidden_act=swiglu",
+    ),
+    "bpe512-modern-6x128-b128": dict(
+        vocab_size=512, block_size=128, batch_size=12, learning_rate=2e-3, min_lr=1e-4, warmup_steps=50,
+        adam_beta2=0.99,
+        overrides="hidden_size=128,num_hidden_layers=6,num_attention_heads=4,max_position_embeddings=128,bias=false,"
+                  "position_embedding_type=rope,norm_type=rmsnorm,hidden_act=swiglu",
+    ),
+    "char-modern-4x128-b64": dict(
+        vocab_size=CHAR_VOCAB, block_size=64, batch_size=12, learning_rate=2e-3, min_lr=1e-4, warmup_steps=50,
+        adam_beta2=0.99,
+        overrides="hidden_size=128,num_hidden_layers=4,num_attention_heads=4,max_position_embeddings=64,bias=false,"
+                  "position_embedding_type=rope,norm_type=rmsnorm,hidden_act=swiglu",
+    ),
+    "char-6x192": dict(
+        vocab_size=CHAR_VOCAB, block_size=128, batch_size=16, learning_rate=1.5e-3, min_lr=1e-4, warmup_steps=50,
+        adam_beta2=0.99,
+        overrides="hidden_size=192,num_hidden_layers=6,num_attention_heads=6,max_position_embeddings=128,bias=false",
+    ),
+    "bpe512-4x128-b64": dict(
+        vocab_size=512, block_size=64, batch_size=16, learning_rate=2e-3, min_lr=1e-4, warmup_steps=50,
+        adam_beta2=0.99,
+        overrides="hidden_size=128,num_hidden_layers=4,num_attention_heads=4,max_position_embeddings=64,bias=false",
+    ),
+    "bpe1024-4x192-b64": dict(
+        vocab_size=1024, block_size=64, batch_size=16, learning_rate=2e-3, min_lr=1e-4, warmup_steps=50,
+        adam_beta2=0.99,
+        overrides="hidden_size=192,num_hidden_layers=4,num_attention_heads=4,max_position_embeddings=64,bias=false",
+    ),
+}
+
+
+def split_corpus(path: Path, directory: Path) -> tuple[str, str]:
+    """First 90% of the characters -> train.txt, last 10% -> validation.txt."""
+    text = path.read_text(encoding="utf-8")
+    cut = int(len(text) * 0.9)
+    train, validation = directory / "train.txt", directory / "validation.txt"
+    train.write_text(text[:cut], encoding="utf-8")
+    validation.write_text(text[cut:], encoding="utf-8")
+    return str(train), str(validation)
+
+
+def pretrain_argv(spec: dict, train: str, validation: str, output_dir: Path, steps: int, seed: int) -> list[str]:
+    return [
+        "--train_file", train, "--validation_file", validation, "--sample_by", "document",
+        "--vocab_size", str(spec["vocab_size"]), "--preset", "tiny", "--config_overrides", spec["overrides"],
+        "--block_size", str(spec["block_size"]), "--per_device_train_batch_size", str(spec["batch_size"]),
+        "--per_device_eval_batch_size", "64", "--max_steps", str(steps),
+        "--learning_rate", str(spec["learning_rate"]), "--lr_scheduler_type", "cosine_with_min_lr",
+        "--lr_scheduler_kwargs", json.dumps({"min_lr": spec["min_lr"]}),
+        "--warmup_steps", str(min(spec["warmup_steps"], max(1, steps // 10))),
+        "--adam_beta2", str(spec["adam_beta2"]), "--weight_decay", "0.1", "--max_grad_norm", "1.0",
+        "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--logging_steps", "100",
+        "--num_samples", "0", "--output_dir", str(output_dir), "--overwrite_output_dir", "true",
+        "--seed", str(seed), "--disable_tqdm", "true", "--dataloader_num_workers", "0",
+    ]
+
+
+class StepClock(TrainerCallback):
+    """Times the training loop; stops it when the budget is spent."""
+
+    def __init__(self, budget: float | None = None):
+        self.budget, self.start, self.step_times = budget, None, []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step_times.append(time.perf_counter())
+        if self.budget is not None and self.elapsed >= self.budget:
+            control.should_training_stop = True
+
+    @property
+    def elapsed(self) -> float:
+        return (self.step_times[-1] if self.step_times else time.perf_counter()) - self.start
+
+
+@torch.no_grad()
+def nats_per_character(model, tokenizer, blocks, batch_size: int = 64) -> tuple[float, int]:
+    """Sum of the cross-entropy of every predicted token / the characters those tokens spell."""
+    model.eval()
+    total_nats, total_chars = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start:start + batch_size]
+        input_ids = torch.tensor(batch["input_ids"])
+        position_ids = torch.tensor(batch["position_ids"])
+        logits = model(input_ids=input_ids, position_ids=position_ids).logits[:, :-1].float()
+        targets = input_ids[:, 1:]
+        total_nats += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        total_chars += sum(len(tokenizer.decode(row)) for row in targets.tolist())
+    return total_nats / total_chars, total_chars
+
+
+def run(name: str, data: tuple[str, str], workdir: Path, budget: float | None, seed: int) -> dict:
+    """Train configuration `name` (for its fixed steps, or for `budget` seconds) and measure nats/char."""
+    from hfgpt.training.pretrain import parse_args, prepare_pretraining
+
+    spec = CONFIGS[name]
+    steps = spec.get("steps")
+    calibration_seconds = 0.0
+    if budget is not None:  # time a few steps first, so that the schedule's length fits the budget
+        started = time.perf_counter()
+        clock = StepClock()
+        run_ = prepare_pretraining(*parse_args(pretrain_argv(spec, *data, workdir / f"{name}-timing", 40, seed)),
+                                   callbacks=[clock])
+        run_.trainer.train()
+        intervals = sorted(b - a for a, b in zip(clock.step_times[10:], clock.step_times[11:]))
+        step_seconds = intervals[len(intervals) // 2]  # the median: the first steps and hiccups are slower
+        calibration_seconds = time.perf_counter() - started
+        steps = max(10, int(budget / step_seconds))
+    clock = StepClock(budget)
+    run_ = prepare_pretraining(*parse_args(pretrain_argv(spec, *data, workdir / name, steps, seed)), callbacks=[clock])
+    run_.trainer.train()
+    train_seconds = clock.elapsed
+    model, tokenizer = run_.trainer.model, run_.tokenizer
+    blocks = run_.trainer.eval_dataset
+    nats, chars = nats_per_character(model, tokenizer, blocks)
+    tokens = len(clock.step_times) * spec["batch_size"] * spec["block_size"]
+    return {
+        "config": name, "nats_per_char": round(nats, 4), "steps": len(clock.step_times), "planned_steps": steps,
+        "train_seconds": round(train_seconds, 1), "calibration_seconds": round(calibration_seconds, 1),
+        "tokens_per_second": round(tokens / train_seconds), "validation_chars": chars,
+        "parameters": model.num_parameters(), "vocab_size": len(tokenizer),
+        "tokens_per_char": round(len(blocks) * (spec["block_size"] - 1) / chars, 3),
+        **{key: value for key, value in spec.items() if key != "steps"},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", nargs="+", default=["bpe512-modern-4x128-b128"], choices=sorted(CONFIGS),
+                        help="Configuration(s) to train within the budget.")
+    parser.add_argument("--time_budget", type=float, help="Training seconds per configuration (default: the "
+                        "reference run's wall time; needs --reference when not given).")
+    parser.add_argument("--reference", action="store_true", help="First run nanoGPT's baby GPT recipe (2000 steps) "
+                        "to measure its wall time and loss here.")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice).")
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--results", type=Path, help="Append every result as a JSON line to this file.")
+    args = parser.parse_args(argv)
+    if args.time_budget is None and not args.reference:
+        parser.error("give --time_budget SECONDS, or --reference to use the reference run's wall time")
+    if not args.data.is_file():
+        parser.error(f"{args.data} not found: the bench reads ../shared/data/tinyshakespeare.txt beside the repo")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="hfgpt-shakespeare-") as tmp:
+        workdir = Path(tmp)
+        data = split_corpus(args.data, workdir)
+        budget = args.time_budget
+        if args.reference:
+            reference = run("baby-gpt", data, workdir, None, args.seed)
+            reference["role"] = "reference (nanoGPT baby GPT recipe, 2000 steps)"
+            results.append(reference)
+            print(json.dumps(reference), flush=True)
+            budget = budget or reference["train_seconds"]
+        for name in args.config:
+            result = run(name, data, workdir, budget, args.seed)
+            result["budget_seconds"] = round(budget, 1)
+            results.append(result)
+            print(json.dumps(result), flush=True)
+
+    print(f"\nnats/char on the last 10% of Tiny Shakespeare (nanoGPT's baby GPT: {REFERENCE_NATS_PER_CHAR}):")
+    for result in results:
+        ratio = result["nats_per_char"] / REFERENCE_NATS_PER_CHAR
+        print(f"  {result['config']:<24} {result['nats_per_char']:.4f}  ({ratio:.3f} x nanoGPT's)  "
+              f"{result['train_seconds']:.0f} s, {result['steps']} steps, {result['tokens_per_second']} tokens/s")
+    if args.results:
+        with args.results.open("a", encoding="utf-8") as handle:
+            for result in results:
+                handle.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
