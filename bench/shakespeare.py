@@ -36,76 +36,35 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 REFERENCE_NATS_PER_CHAR = 1.88  # nanoGPT README, baby GPT on CPU, 2000 iterations
 CHAR_VOCAB = 261  # hfgpt's byte-level BPE with no merges: 256 bytes + 5 special tokens = one token per ASCII character
 
+MODERN_BLOCK = "position_embedding_type=rope,norm_type=rmsnorm,hidden_act=swiglu"
+
+
+def spec(vocab_size: int, block_size: int, batch_size: int, width: int = 128, layers: int = 4, heads: int = 4,
+         modern: bool = True, learning_rate: float = 2e-3, extra_overrides: str = "") -> dict:
+    """Pretrain arguments for one configuration: a bias-free GPT of the given shape (GPT-2 blocks or the modern ones)."""
+    overrides = (f"hidden_size={width},num_hidden_layers={layers},num_attention_heads={heads},"
+                 f"max_position_embeddings={block_size},bias=false")
+    return dict(vocab_size=vocab_size, block_size=block_size, batch_size=batch_size, learning_rate=learning_rate,
+                min_lr=1e-4, warmup_steps=50, adam_beta2=0.99,
+                overrides=",".join(part for part in (overrides, MODERN_BLOCK if modern else "", extra_overrides) if part))
+
+
 # name -> pretrain arguments. "steps" is used only by the reference (fixed 2000 iterations); the others get the budget.
 CONFIGS: dict[str, dict] = {
-    "baby-gpt": dict(  # nanoGPT's baby GPT: GPT-2 blocks, exact GELU, no biases, learned positions
-        vocab_size=CHAR_VOCAB, block_size=64, batch_size=12, learning_rate=1e-3, min_lr=1e-4, warmup_steps=100,
-        adam_beta2=0.99, steps=2000,
-        overrides="hidden_size=128,num_hidden_layers=4,num_attention_heads=4,max_position_embeddings=64,bias=false,"
-               "hidden_act=gelu",
-    ),
-    "char-4x128-b128": dict(
-        vocab_size=CHAR_VOCAB, block_size=128, batch_size=16, learning_rate=2e-3, min_lr=1e-4, warmup_steps=50,
-        adam_beta2=0.99,
-        overrides="hidden_size=128,num_hidden_layers=4,num_attention_heads=4,max_position_embeddings=128,bias=false",
-    ),
-    "char-modern-4x128-b128": dict(
-        vocab_size=CHAR_VOCAB, block_size=128, batch_size=16, learning_rate=2e-3, min_lr=1e-4, warmup_steps=50,
-        adam_beta2=0.99,
-        overrides="hidden_size=128,num_hidden_layers=4,num_attention_heads=4,max_position_embeddings=128,bias=false,"
-               "position_embedding_type=rope,norm_type=rmsnorm,hidden_act=swiglu",
-    ),
-    "bpe512-modern-4x128-b64": dict(
-        vocab_size=512, block_size=64, batch_size=16, learning_rate=2e-3, min_lr=1e-4, warmup_steps=50,
-        adam_beta2=0.99,
-        overrides="hidden_size=128,num_hidden_layers=4,num_attention_heads=4,max_position_embeddings=64,bias=false,"
-                  "position_embedding_type=rope,norm_type=rmsnorm,hidden_act=swiglu",
-    ),
-    "bpe512-modern-4x128-b128": dict(
-        vocab_size=512, block_size=128, batch_size=12, learning_rate=2e-3, min_lr=1e-4, warmup_steps=50,
-        adam_beta2=0.99,
-        overrides="hidden_size=128,num_hidden_layers=4,num_attention_heads=4,max_position_embeddings=128,bias=false,"
-                  "position_embedding_type=rope,norm_type=rmsnorm,hidden_act=swiglu",
-    ),
-    "bpe1024-modern-4x128-b128": dict(
-        vocab_size=1024, block_size=128, batch_size=12, learning_rate=2e-3, min_lr=1e-4, warmup_steps=50,
-        adam_beta2=0.99,
-        overrides="hidden_size=128,num_hidden_layers=4,num_attention_heads=4,max_position_embeddings=128,bias=false,"
-                  "position_embedding_type=rope,norm_type=rmsnorm,hidden_act=swiglu",
-    ),
-    "bpe512-modern-4x192-b128": dict(
-        vocab_size=512, block_size=128, batch_size=12, learning_rate=2e-3, min_lr=1e-4, warmup_steps=50,
-        adam_beta2=0.99,
-        overrides="hidden_size=192,num_hidden_layers=4,num_attention_heads=4,max_position_embeddings=128,bias=false,"
-                  "position_embedding_type=rope,norm_type=rmsnorm,hidden_act=swiglu",
-    ),
-    "bpe512-modern-6x128-b128": dict(
-        vocab_size=512, block_size=128, batch_size=12, learning_rate=2e-3, min_lr=1e-4, warmup_steps=50,
-        adam_beta2=0.99,
-        overrides="hidden_size=128,num_hidden_layers=6,num_attention_heads=4,max_position_embeddings=128,bias=false,"
-                  "position_embedding_type=rope,norm_type=rmsnorm,hidden_act=swiglu",
-    ),
-    "char-modern-4x128-b64": dict(
-        vocab_size=CHAR_VOCAB, block_size=64, batch_size=12, learning_rate=2e-3, min_lr=1e-4, warmup_steps=50,
-        adam_beta2=0.99,
-        overrides="hidden_size=128,num_hidden_layers=4,num_attention_heads=4,max_position_embeddings=64,bias=false,"
-                  "position_embedding_type=rope,norm_type=rmsnorm,hidden_act=swiglu",
-    ),
-    "char-6x192": dict(
-        vocab_size=CHAR_VOCAB, block_size=128, batch_size=16, learning_rate=1.5e-3, min_lr=1e-4, warmup_steps=50,
-        adam_beta2=0.99,
-        overrides="hidden_size=192,num_hidden_layers=6,num_attention_heads=6,max_position_embeddings=128,bias=false",
-    ),
-    "bpe512-4x128-b64": dict(
-        vocab_size=512, block_size=64, batch_size=16, learning_rate=2e-3, min_lr=1e-4, warmup_steps=50,
-        adam_beta2=0.99,
-        overrides="hidden_size=128,num_hidden_layers=4,num_attention_heads=4,max_position_embeddings=64,bias=false",
-    ),
-    "bpe1024-4x192-b64": dict(
-        vocab_size=1024, block_size=64, batch_size=16, learning_rate=2e-3, min_lr=1e-4, warmup_steps=50,
-        adam_beta2=0.99,
-        overrides="hidden_size=192,num_hidden_layers=4,num_attention_heads=4,max_position_embeddings=64,bias=false",
-    ),
+    # nanoGPT's baby GPT: GPT-2 blocks, exact GELU, no biases, learned positions
+    "baby-gpt": dict(spec(CHAR_VOCAB, 64, 12, modern=False, learning_rate=1e-3, extra_overrides="hidden_act=gelu"),
+                     warmup_steps=100, steps=2000),
+    "char-4x128-b128": spec(CHAR_VOCAB, 128, 16, modern=False),
+    "char-modern-4x128-b128": spec(CHAR_VOCAB, 128, 16),
+    "char-modern-4x128-b64": spec(CHAR_VOCAB, 64, 12),
+    "char-6x192": spec(CHAR_VOCAB, 128, 16, width=192, layers=6, heads=6, modern=False, learning_rate=1.5e-3),
+    "bpe512-4x128-b64": spec(512, 64, 16, modern=False),
+    "bpe512-modern-4x128-b64": spec(512, 64, 16),
+    "bpe512-modern-4x128-b128": spec(512, 128, 12),
+    "bpe512-modern-4x192-b128": spec(512, 128, 12, width=192),
+    "bpe512-modern-6x128-b128": spec(512, 128, 12, layers=6),
+    "bpe1024-modern-4x128-b128": spec(1024, 128, 12),
+    "bpe1024-4x192-b64": spec(1024, 64, 16, width=192, modern=False),
 }
 
 
