@@ -164,6 +164,28 @@ def test_qlora_trains_saves_and_reloads(base_dir, tmp_path):
     assert report["lora"]["modules_to_save"] == ["score"]
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_qlora_gradients_are_the_same_after_an_evaluation(tmp_path, tiny_config, bias):
+    # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer for an inference-only kernel the first time it runs
+    # in eval mode, and kept that layout for training: with a bias the step crashed, without one the gradient through
+    # the frozen base weights was lost. Training after Trainer's evaluation must give the gradients of a fresh model.
+    torch.manual_seed(0)
+    base_dir = tmp_path / "base"
+    HFGPTForCausalLM(tiny_config.__class__(**{**tiny_config.to_dict(), "bias": bias})).save_pretrained(base_dir)
+    args = PeftArguments(qlora=True, lora_dropout=0.0)
+    input_ids, attention_mask, labels = _batch()
+    gradients = []
+    for evaluate_first in (False, True):
+        model = add_lora(_classifier(base_dir, args), args, "SEQ_CLS")
+        if evaluate_first:
+            _logits(model.eval())
+        model.train()
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad})
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, msg=f"gradient of {name}")
+
+
 def test_4bit_linear_footprint_is_under_35_percent_of_fp32(base_dir):
     full = _classifier(base_dir, PeftArguments())
     quantized = _classifier(base_dir, PeftArguments(qlora=True))

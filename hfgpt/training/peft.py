@@ -120,12 +120,26 @@ def load_base_model(model_name_or_path: str | os.PathLike, auto_class, peft_args
         dtype=compute_dtype(),
         **from_pretrained_kwargs,
     )
+    keep_4bit_layout_trainable(model)
     return prepare_model_for_kbit_training(
         model,
         use_gradient_checkpointing=gradient_checkpointing,
         # non-reentrant checkpointing lets gradients reach the adapters without forcing the inputs to require grad
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
+
+
+def keep_4bit_layout_trainable(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, a `Linear4bit` run in eval mode converts its weights, once and for good, to a layout
+    whose kernel has no backward. Training after an evaluation then crashes (layers with a bias) or, worse, silently
+    drops the gradient through the frozen base weights (layers without one). The flag below is the one bitsandbytes
+    checks; evaluation stays correct, it just uses the training kernel.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 # --- adapters ---------------------------------------------------------------------------------------------------------
