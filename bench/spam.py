@@ -1,0 +1,223 @@
+"""SMS spam: does pretraining a small hfgpt here earn its keep? Full, LoRA and QLoRA fine-tuning against a model
+trained from nothing.
+
+    python bench/spam.py                                 # everything: split, pretrain, baseline, full, lora, qlora
+    python bench/spam.py --modes full,lora --skip_baseline --pretrained out/bench_spam/pretrained
+
+Steps (each a separate `hfgpt` process, so its wall time and peak memory are its own):
+1. Split ../shared/data/sms_spam.tsv: the last --heldout_percentage % of the rows are held out (the file is a random
+   sample, so its tail is too). Nothing of the held-out rows is seen before the final scoring: not by the tokenizer,
+   not by pretraining, not by fine-tuning (no model selection on them either: the last epoch's model is scored).
+2. Pretrain (`hfgpt pretrain`): a byte-level BPE and a small causal LM on the *text* of the training messages (one
+   message per document), the only in-domain text there is here.
+3. Fine-tune (`hfgpt classify`) on the labelled training messages: the pretrained model in full, LoRA and QLoRA
+   modes, and the same architecture from random weights ("from nothing", full fine-tuning with the same settings).
+4. Print held-out accuracy, spam precision / recall / F1, wall time and CPU time per step, and save it all as JSON.
+
+The machine may be shared: the table gives each step's CPU time / wall time and the load average, so contention is
+visible next to the timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "sms_spam.tsv"
+MODES = ("full", "lora", "qlora")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="The labelled messages (TSV: label, text).")
+    parser.add_argument("--output_dir", default="out/bench_spam")
+    parser.add_argument("--heldout_percentage", type=float, default=20.0)
+    parser.add_argument("--modes", default=",".join(MODES), help="Comma-separated subset of full, lora, qlora.")
+    parser.add_argument("--skip_baseline", action="store_true", help="Do not train the from-nothing baseline.")
+    parser.add_argument("--pretrained", help="Use this pretrained model directory instead of pretraining.")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="Threads per step (OMP_NUM_THREADS). On a machine shared by other jobs, 1 thread is "
+                             "often faster than 2 fighting for the same cores.")
+    # the model and its pretraining
+    parser.add_argument("--vocab_size", type=int, default=2048)
+    parser.add_argument("--config_overrides", default="num_hidden_layers=4,hidden_size=192,num_attention_heads=4,"
+                        "max_position_embeddings=128,embedding_dropout=0.1,residual_dropout=0.1")
+    parser.add_argument("--pretrain_epochs", type=float, default=8.0)
+    parser.add_argument("--pretrain_learning_rate", type=float, default=2e-3)
+    parser.add_argument("--pretrain_batch_size", type=int, default=16)
+    # fine-tuning
+    parser.add_argument("--epochs", type=float, default=4.0, help="Full fine-tuning (and the baseline).")
+    parser.add_argument("--lora_epochs", type=float, default=10.0,
+                        help="LoRA and QLoRA: the adapters learn more slowly than full weights (4 epochs: ~98.6%%).")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--learning_rate", type=float, default=5e-4, help="Full fine-tuning (and the baseline).")
+    parser.add_argument("--lora_learning_rate", type=float, default=2e-3, help="LoRA and QLoRA.")
+    parser.add_argument("--lora_r", type=int, default=16)
+    parser.add_argument("--lora_alpha", type=float, default=32)
+    parser.add_argument("--class_weights", default=None, help="Passed to hfgpt classify (e.g. 'balanced').")
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args(argv)
+    args.modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    unknown = sorted(set(args.modes) - set(MODES))
+    if unknown:
+        parser.error(f"--modes: unknown {unknown}; choose from {', '.join(MODES)}.")
+    return args
+
+
+def split_data(path: str, heldout_percentage: float, data_dir: Path) -> dict:
+    """train.tsv / heldout.tsv (labelled) and train.txt (the training messages' text, one per line)."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    cut = len(rows) - int(len(rows) * heldout_percentage / 100)
+    splits = {"train": rows[:cut], "heldout": rows[cut:]}
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for name, part in splits.items():
+        with open(data_dir / f"{name}.tsv", "w", encoding="utf-8") as handle:
+            handle.write("label\ttext\n" + "".join(f"{row['label']}\t{row['text']}\n" for row in part))
+    (data_dir / "train.txt").write_text("".join(row["text"] + "\n" for row in splits["train"]), encoding="utf-8")
+    return {name: {"rows": len(part), "spam": sum(row["label"] == "spam" for row in part)}
+            for name, part in splits.items()}
+
+
+def run_step(name: str, argv: list[str], log_dir: Path, threads: int | None) -> dict:
+    """Run `python -m hfgpt.cli ...` and time it: wall time, CPU time of the process, load average."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{name}.log"
+    print(f"\n== {name}: hfgpt {' '.join(argv)}\n   (log: {log})", flush=True)
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load_before = os.getloadavg()[0]
+    started = time.time()
+    with open(log, "w", encoding="utf-8") as handle:
+        result = subprocess.run([sys.executable, "-m", "hfgpt.cli", *argv], stdout=handle, stderr=subprocess.STDOUT,
+                                env=env, cwd=REPO)
+    wall = time.time() - started
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    if result.returncode != 0:
+        tail = "".join(log.read_text(encoding="utf-8").splitlines(keepends=True)[-30:])
+        raise SystemExit(f"{name} failed (exit {result.returncode}); the end of {log}:\n{tail}")
+    step = {"wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "cpu_per_wall": round(cpu / wall, 2),
+            "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2)}
+    print(f"   done in {wall / 60:.1f} min (CPU {cpu / 60:.1f} min, {cpu / wall:.2f} cores busy on average; load "
+          f"average {step['load_average_before']} -> {step['load_average_after']})", flush=True)
+    return step
+
+
+def pretrain(args, data_dir: Path, model_dir: Path, log_dir: Path) -> dict:
+    return run_step("pretrain", [
+        "pretrain", "--train_file", str(data_dir / "train.txt"), "--sample_by", "line",
+        "--vocab_size", str(args.vocab_size), "--preset", "small", "--config_overrides", args.config_overrides,
+        "--validation_split_percentage", "5", "--num_train_epochs", str(args.pretrain_epochs),
+        "--learning_rate", str(args.pretrain_learning_rate), "--per_device_train_batch_size",
+        str(args.pretrain_batch_size), "--eval_steps", "0.25", "--save_steps", "0.5", "--logging_steps", "20",
+        "--output_dir", str(model_dir), "--overwrite_output_dir", "--num_samples", "3", "--report_to", "none",
+        "--seed", str(args.seed), "--disable_tqdm", "true",
+    ], log_dir, args.threads)
+
+
+def random_init_copy(pretrained: Path, target: Path, seed: int) -> None:
+    """The pretrained model's architecture and tokenizer with fresh random weights: the from-nothing baseline."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    import hfgpt
+
+    torch.manual_seed(seed)
+    config = AutoConfig.from_pretrained(pretrained)
+    hfgpt.HFGPTForCausalLM(config).save_pretrained(target)
+    AutoTokenizer.from_pretrained(pretrained).save_pretrained(target)
+
+
+def classify(args, name: str, model_dir: Path, data_dir: Path, output_dir: Path, log_dir: Path,
+             extra: list[str], epochs: float) -> dict:
+    step = run_step(name, [
+        "classify", "--model_name_or_path", str(model_dir), "--train_file", str(data_dir / "train.tsv"),
+        "--validation_file", str(data_dir / "heldout.tsv"), "--class_names", "ham,spam",
+        "--num_train_epochs", str(epochs), "--per_device_train_batch_size", str(args.batch_size),
+        "--output_dir", str(output_dir), "--overwrite_output_dir", "--save_strategy", "no", "--report_to", "none",
+        "--seed", str(args.seed), "--disable_tqdm", "true", "--logging_steps", "20",
+        *(["--class_weights", args.class_weights] if args.class_weights else []), *extra,
+    ], log_dir, args.threads)
+    results = json.loads((output_dir / "eval_results.json").read_text())["classification"]
+    summary = json.loads((output_dir / "training_summary.json").read_text())
+    (true_ham, false_spam), (false_ham, true_spam) = results["confusion_matrix"]
+    return {
+        **step,
+        "accuracy": results["accuracy"], "spam_precision": results["precision"], "spam_recall": results["recall"],
+        "spam_f1": results["f1"], "errors": false_spam + false_ham, "false_spam": false_spam, "missed_spam": false_ham,
+        "trainable_parameters": summary["parameters"]["trainable"], "total_parameters": summary["parameters"]["total"],
+        "linear_bytes": summary["memory"]["linear_bytes"], "linear_fp32_bytes": summary["memory"]["linear_fp32_bytes"],
+        "peak_rss_bytes": summary["memory"]["peak_rss_bytes"],
+        "per_epoch": [{key: entry[key] for key in ("epoch", "eval_accuracy", "eval_f1") if key in entry}
+                      for entry in json.loads((output_dir / "log_history.json").read_text())
+                      if "eval_accuracy" in entry],
+    }
+
+
+def print_table(results: dict, split: dict) -> None:
+    heldout = split["heldout"]
+    print(f"\nHeld-out messages: {heldout['rows']} ({heldout['spam']} spam); training messages: "
+          f"{split['train']['rows']} ({split['train']['spam']} spam).")
+    header = (f"{'run':<22} {'accuracy':>8} {'spam P':>7} {'spam R':>7} {'spam F1':>7} {'errors':>6} "
+              f"{'trained params':>15} {'linear MiB':>10} {'peak RSS':>9} {'wall':>7} {'CPU/wall':>8}")
+    print(header + "\n" + "-" * len(header))
+    for name, row in results["runs"].items():
+        print(f"{name:<22} {row['accuracy']:>8.2%} {row['spam_precision']:>7.3f} {row['spam_recall']:>7.3f} "
+              f"{row['spam_f1']:>7.3f} {row['errors']:>6} {row['trainable_parameters']:>15,} "
+              f"{row['linear_bytes'] / 2**20:>10.2f} {row['peak_rss_bytes'] / 2**20:>7.0f}Mi "
+              f"{row['wall_seconds'] / 60:>5.1f}m {row['cpu_per_wall']:>8.2f}")
+    if "pretrain" in results:
+        row = results["pretrain"]
+        print(f"{'pretraining':<22} {'':>8} {'':>7} {'':>7} {'':>7} {'':>6} {'':>15} {'':>10} {'':>9} "
+              f"{row['wall_seconds'] / 60:>5.1f}m {row['cpu_per_wall']:>8.2f}")
+    print("\nwall: wall-clock time of the whole step (loading, tokenizing, training, evaluating, saving); CPU/wall: "
+          "cores busy on average (2 = both cores to itself).")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir).resolve()
+    data_dir, log_dir = output_dir / "data", output_dir / "logs"
+    split = split_data(args.data, args.heldout_percentage, data_dir)
+    results: dict = {"split": split, "settings": vars(args), "cpu_count": os.cpu_count()}
+
+    pretrained = Path(args.pretrained).resolve() if args.pretrained else output_dir / "pretrained"
+    if not args.pretrained:
+        results["pretrain"] = pretrain(args, data_dir, pretrained, log_dir)
+        summary = json.loads((pretrained / "training_summary.json").read_text())
+        results["pretrain"]["eval_loss"] = summary["final_metrics"].get("eval_loss")
+
+    runs = {}
+    if not args.skip_baseline:
+        baseline_dir = output_dir / "from_nothing_init"
+        random_init_copy(pretrained, baseline_dir, args.seed)
+        runs["from nothing (full)"] = classify(args, "from_nothing", baseline_dir, data_dir,
+                                               output_dir / "from_nothing", log_dir,
+                                               ["--learning_rate", str(args.learning_rate)], args.epochs)
+    lora = ["--lora_r", str(args.lora_r), "--lora_alpha", str(args.lora_alpha),
+            "--learning_rate", str(args.lora_learning_rate)]
+    extra = {"full": ["--learning_rate", str(args.learning_rate)], "lora": ["--lora", *lora], "qlora": ["--qlora", *lora]}
+    for mode in args.modes:
+        runs[f"pretrained + {mode}"] = classify(args, mode, pretrained, data_dir, output_dir / mode, log_dir,
+                                                extra[mode], args.epochs if mode == "full" else args.lora_epochs)
+    results["runs"] = runs
+    print_table(results, split)
+    path = output_dir / "results.json"
+    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(f"\nSaved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
