@@ -161,6 +161,15 @@ def test_sft_trains_and_saves_a_chat_model(tmp_path, base_dir, tiny_tokenizer, s
     check_outputs(result, starting_weights, lora, source == "dir", rows[8:], "output")
 
 
+def test_max_eval_prompts_0_skips_the_held_out_generations(tmp_path, tiny_tokenizer):
+    rows = instruction_rows(10)
+    result = run_sft(fresh_model(tiny_tokenizer), rows[:8], config(HFGPTSFTConfig, tmp_path / "sft"),
+                     tokenizer=tiny_tokenizer, eval_dataset=rows[8:],
+                     generation=GenerationSettings(max_eval_prompts=0, max_new_tokens=4))
+    assert "rouge" not in result.metrics and "validation" in result.metrics
+    assert not (tmp_path / "sft" / "generations.jsonl").exists()
+
+
 @pytest.mark.parametrize("source", ["dir", "memory"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_dpo_trains_and_saves_a_chat_model(tmp_path, base_dir, tiny_tokenizer, source, lora):

@@ -136,7 +136,7 @@ class AlignmentArguments:
                           ".jsonl/.csv/.tsv). Default: the held-out rows."},
     )
     max_eval_prompts: int | None = field(
-        default=None, metadata={"help": "Answer at most this many held-out prompts (default: all)."}
+        default=None, metadata={"help": "Answer at most this many held-out prompts (default: all; 0: none)."}
     )
     max_new_tokens: int = field(default=128, metadata={"help": "Longest generated answer, in tokens."})
     generation_batch_size: int = field(default=8, metadata={"help": "Prompts per generate() call."})
@@ -566,7 +566,9 @@ def train_and_finish(task: str, run: PreparedRun, eval_prompts=None, generation:
                            merge_adapter=run.peft_args is None or run.peft_args.merge_adapter)
 
     generations = []
-    if eval_prompts is not None and len(eval_prompts) > 0:
+    if generation.max_eval_prompts == 0:
+        logger.info("--max_eval_prompts 0: no held-out generations.")
+    elif eval_prompts is not None and len(eval_prompts) > 0:
         source = _source_name(data_source, "eval_prompts", "the held-out prompts")
         prompts, references = held_out_prompts(eval_prompts, source, generation.max_eval_prompts)
         generations, rouge = generate_and_score(trainer.model, run.tokenizer, prompts, references,
