@@ -5,7 +5,7 @@ trained from nothing.
     python bench/spam.py --modes full,lora --skip_baseline --pretrained out/bench_spam/pretrained
 
 Steps (each a separate `hfgpt` process, so its wall time and peak memory are its own):
-1. Split ../shared/data/sms_spam.tsv: the last --heldout_percentage % of the rows are held out (the file is a random
+1. Split ../shared/data/sms_spam.tsv with hfgpt.data: the last --heldout_percentage % of the rows are held out (the file is a random
    sample, so its tail is too). Nothing of the held-out rows is seen before the final scoring: not by the tokenizer,
    not by pretraining, not by fine-tuning (no model selection on them either: the last epoch's model is scored).
 2. Pretrain (`hfgpt pretrain`): a byte-level BPE and a small causal LM on the *text* of the training messages (one
@@ -21,7 +21,6 @@ visible next to the timings.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import resource
@@ -75,18 +74,15 @@ def parse_args(argv=None):
 
 
 def split_data(path: str, heldout_percentage: float, data_dir: Path) -> dict:
-    """train.tsv / heldout.tsv (labelled) and train.txt (the training messages' text, one per line)."""
-    with open(path, encoding="utf-8", newline="") as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
-    cut = len(rows) - int(len(rows) * heldout_percentage / 100)
-    splits = {"train": rows[:cut], "heldout": rows[cut:]}
+    """train.jsonl / heldout.jsonl (label, text), read and split by hfgpt.data as every hfgpt command reads files."""
+    from hfgpt.data import load_raw_datasets
+
+    raw = load_raw_datasets(path, validation_split_percentage=heldout_percentage, required_columns=("label", "text"))
+    splits = {"train": raw["train"], "heldout": raw["validation"]}  # the held-out part is the file's last rows
     data_dir.mkdir(parents=True, exist_ok=True)
     for name, part in splits.items():
-        with open(data_dir / f"{name}.tsv", "w", encoding="utf-8") as handle:
-            handle.write("label\ttext\n" + "".join(f"{row['label']}\t{row['text']}\n" for row in part))
-    (data_dir / "train.txt").write_text("".join(row["text"] + "\n" for row in splits["train"]), encoding="utf-8")
-    return {name: {"rows": len(part), "spam": sum(row["label"] == "spam" for row in part)}
-            for name, part in splits.items()}
+        part.to_json(data_dir / f"{name}.jsonl", lines=True)
+    return {name: {"rows": len(part), "spam": part["label"].count("spam")} for name, part in splits.items()}
 
 
 def run_step(name: str, argv: list[str], log_dir: Path, threads: int | None) -> dict:
@@ -118,7 +114,7 @@ def run_step(name: str, argv: list[str], log_dir: Path, threads: int | None) -> 
 
 def pretrain(args, data_dir: Path, model_dir: Path, log_dir: Path) -> dict:
     return run_step("pretrain", [
-        "pretrain", "--train_file", str(data_dir / "train.txt"), "--sample_by", "line",
+        "pretrain", "--train_file", str(data_dir / "train.jsonl"), "--text_column", "text",
         "--vocab_size", str(args.vocab_size), "--preset", "small", "--config_overrides", args.config_overrides,
         "--validation_split_percentage", "5", "--num_train_epochs", str(args.pretrain_epochs),
         "--learning_rate", str(args.pretrain_learning_rate), "--per_device_train_batch_size",
@@ -144,8 +140,8 @@ def random_init_copy(pretrained: Path, target: Path, seed: int) -> None:
 def classify(args, name: str, model_dir: Path, data_dir: Path, output_dir: Path, log_dir: Path,
              extra: list[str], epochs: float) -> dict:
     step = run_step(name, [
-        "classify", "--model_name_or_path", str(model_dir), "--train_file", str(data_dir / "train.tsv"),
-        "--validation_file", str(data_dir / "heldout.tsv"), "--class_names", "ham,spam",
+        "classify", "--model_name_or_path", str(model_dir), "--train_file", str(data_dir / "train.jsonl"),
+        "--validation_file", str(data_dir / "heldout.jsonl"), "--class_names", "ham,spam",
         "--num_train_epochs", str(epochs), "--per_device_train_batch_size", str(args.batch_size),
         "--output_dir", str(output_dir), "--overwrite_output_dir", "--save_strategy", "no", "--report_to", "none",
         "--seed", str(args.seed), "--disable_tqdm", "true", "--logging_steps", "20",
