@@ -165,13 +165,13 @@ def test_qlora_trains_saves_and_reloads(base_dir, tmp_path):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_qlora_gradients_are_the_same_after_an_evaluation(tmp_path, tiny_config, bias):
+def test_qlora_gradients_are_the_same_after_an_evaluation(tmp_path, bias):
     # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer for an inference-only kernel the first time it runs
     # in eval mode, and kept that layout for training: with a bias the step crashed, without one the gradient through
     # the frozen base weights was lost. Training after Trainer's evaluation must give the gradients of a fresh model.
     torch.manual_seed(0)
     base_dir = tmp_path / "base"
-    HFGPTForCausalLM(tiny_config.__class__(**{**tiny_config.to_dict(), "bias": bias})).save_pretrained(base_dir)
+    HFGPTForCausalLM(HFGPTConfig.from_preset("tiny", bias=bias)).save_pretrained(base_dir)
     args = PeftArguments(qlora=True, lora_dropout=0.0)
     input_ids, attention_mask, labels = _batch()
     gradients = []
