@@ -5,9 +5,10 @@ trained from nothing.
     python bench/spam.py --modes full,lora --skip_baseline --pretrained out/bench_spam/pretrained
 
 Steps (each a separate `hfgpt` process, so its wall time and peak memory are its own):
-1. Split ../shared/data/sms_spam.tsv with hfgpt.data: the last --heldout_percentage % of the rows are held out
-   (the file is a random sample, so its tail is too). Nothing of the held-out rows is seen before the final scoring: not by the tokenizer,
-   not by pretraining, not by fine-tuning (no model selection on them either: the last epoch's model is scored).
+1. Split ../shared/data/sms_spam.tsv with hfgpt.data: the last --heldout_percentage % of the rows are held out (the
+   file is a random sample, so its tail is too). Nothing of the held-out rows is seen before the final scoring: not
+   by the tokenizer, not by pretraining, not by fine-tuning (no model selection on them either: the last epoch's
+   model is scored).
 2. Pretrain (`hfgpt pretrain`): a byte-level BPE and a small causal LM on the *text* of the training messages (one
    message per document), the only in-domain text there is here.
 3. Fine-tune (`hfgpt classify`) on the labelled training messages: the pretrained model in full, LoRA and QLoRA
