@@ -6,23 +6,23 @@
 
 Data: ../shared/data/tinyshakespeare.txt, first 90% of the characters for training, last 10% for validation (nanoGPT's
 split). Every run goes through hfgpt's own pipeline: `hfgpt.training.pretrain` (tokenizer training with
-`hfgpt.tokenization`, `hfgpt.data` loading and packing, the Trainer with decay on matrices), with each split read as one
-document and cut into blocks.
+`hfgpt.tokenization`, `hfgpt.data` loading and packing, the Trainer with decay on matrices), with the training split
+read as one document and cut into blocks.
 
-The metric is total validation nats / validation characters (over the tokens each block predicts), so character-level
-and BPE tokenizers compare. The reference is nanoGPT's CPU "baby GPT" recipe (4 layers, 4 heads, 128 wide, block 64,
-batch 12, 2000 iterations, lr 1e-3 -> 1e-4 cosine, 100 warmup, beta2 0.99, dropout 0, character tokens), which
-reaches 1.88 nats/char in nanoGPT; `--reference` re-runs that recipe here with hfgpt to measure its wall time on this
-machine (and checks that hfgpt reproduces its loss). A configuration's training budget is the measured reference time,
-or `--time_budget`. The number of steps is chosen from a short timing run so that the cosine schedule ends inside the
-budget; a callback stops training if the machine gets slower than timed.
+The metric is total validation nats / validation characters (every token of the validation text scored once, by
+`hfgpt.evaluation.perplexity`), so character-level and BPE tokenizers compare. The reference is nanoGPT's CPU "baby
+GPT" recipe (4 layers, 4 heads, 128 wide, block 64, batch 12, 2000 iterations, lr 1e-3 -> 1e-4 cosine, 100 warmup,
+beta2 0.99, dropout 0, character tokens), which reaches 1.88 nats/char in nanoGPT; `--reference` re-runs that recipe
+here with hfgpt to measure its wall time on this machine (and checks that hfgpt reproduces its loss). A
+configuration's training budget is the measured reference time, or `--time_budget`. The number of steps is chosen from
+a short timing run so that the cosine schedule ends inside the budget; a callback stops training if the machine gets
+slower than timed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -78,9 +78,10 @@ def split_corpus(path: Path, directory: Path) -> tuple[str, str]:
     return str(train), str(validation)
 
 
-def pretrain_argv(spec: dict, train: str, validation: str, output_dir: Path, steps: int, seed: int) -> list[str]:
+def pretrain_argv(spec: dict, train: str, output_dir: Path, steps: int, seed: int) -> list[str]:
     return [
-        "--train_file", train, "--validation_file", validation, "--sample_by", "document",
+        # validation is scored after training, on the raw text (nats_per_character), not by the Trainer
+        "--train_file", train, "--validation_split_percentage", "0", "--sample_by", "document",
         "--vocab_size", str(spec["vocab_size"]), "--preset", "tiny", "--config_overrides", spec["overrides"],
         "--block_size", str(spec["block_size"]), "--per_device_train_batch_size", str(spec["batch_size"]),
         "--per_device_eval_batch_size", "64", "--max_steps", str(steps),
@@ -113,20 +114,14 @@ class StepClock(TrainerCallback):
         return (self.step_times[-1] if self.step_times else time.perf_counter()) - self.start
 
 
-@torch.no_grad()
-def nats_per_character(model, tokenizer, blocks, batch_size: int = 64) -> tuple[float, int]:
-    """Sum of the cross-entropy of every predicted token / the characters those tokens spell."""
-    model.eval()
-    total_nats, total_chars = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        batch = blocks[start:start + batch_size]
-        input_ids = torch.tensor(batch["input_ids"])
-        position_ids = torch.tensor(batch["position_ids"])
-        logits = model(input_ids=input_ids, position_ids=position_ids).logits[:, :-1].float()
-        targets = input_ids[:, 1:]
-        total_nats += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
-        total_chars += sum(len(tokenizer.decode(row)) for row in targets.tolist())
-    return total_nats / total_chars, total_chars
+def nats_per_character(model, tokenizer, text: str, block_size: int) -> tuple[float, int]:
+    """Total nats / characters of `text`, every token scored once by hfgpt's perplexity runner (BOS first, windows of
+    `block_size` tokens overlapping by one, so each prediction sees at most a block of context, as in training)."""
+    from hfgpt.evaluation.perplexity import compute_perplexity
+
+    result = compute_perplexity([text], model, tokenizer, add_start_token=True, max_length=block_size,
+                                stride=block_size - 1, batch_size=64, progress=False)
+    return result["mean_nll"] * result["num_tokens"] / len(text), result["num_tokens"]
 
 
 def run(name: str, data: tuple[str, str], workdir: Path, budget: float | None, seed: int) -> dict:
@@ -139,7 +134,7 @@ def run(name: str, data: tuple[str, str], workdir: Path, budget: float | None, s
     if budget is not None:  # time a few steps first, so that the schedule's length fits the budget
         started = time.perf_counter()
         clock = StepClock()
-        run_ = prepare_pretraining(*parse_args(pretrain_argv(spec, *data, workdir / f"{name}-timing", 40, seed)),
+        run_ = prepare_pretraining(*parse_args(pretrain_argv(spec, data[0], workdir / f"{name}-timing", 40, seed)),
                                    callbacks=[clock])
         run_.trainer.train()
         intervals = sorted(b - a for a, b in zip(clock.step_times[10:], clock.step_times[11:]))
@@ -147,19 +142,19 @@ def run(name: str, data: tuple[str, str], workdir: Path, budget: float | None, s
         calibration_seconds = time.perf_counter() - started
         steps = max(10, int(budget / step_seconds))
     clock = StepClock(budget)
-    run_ = prepare_pretraining(*parse_args(pretrain_argv(spec, *data, workdir / name, steps, seed)), callbacks=[clock])
+    run_ = prepare_pretraining(*parse_args(pretrain_argv(spec, data[0], workdir / name, steps, seed)), callbacks=[clock])
     run_.trainer.train()
     train_seconds = clock.elapsed
     model, tokenizer = run_.trainer.model, run_.tokenizer
-    blocks = run_.trainer.eval_dataset
-    nats, chars = nats_per_character(model, tokenizer, blocks)
+    validation_text = Path(data[1]).read_text(encoding="utf-8")
+    nats, tokens_scored = nats_per_character(model, tokenizer, validation_text, spec["block_size"])
     tokens = len(clock.step_times) * spec["batch_size"] * spec["block_size"]
     return {
         "config": name, "nats_per_char": round(nats, 4), "steps": len(clock.step_times), "planned_steps": steps,
         "train_seconds": round(train_seconds, 1), "calibration_seconds": round(calibration_seconds, 1),
-        "tokens_per_second": round(tokens / train_seconds), "validation_chars": chars,
+        "tokens_per_second": round(tokens / train_seconds), "validation_chars": len(validation_text),
         "parameters": model.num_parameters(), "vocab_size": len(tokenizer),
-        "tokens_per_char": round(len(blocks) * (spec["block_size"] - 1) / chars, 3),
+        "tokens_per_char": round(tokens_scored / len(validation_text), 3),
         **{key: value for key, value in spec.items() if key != "steps"},
     }
 
