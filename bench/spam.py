@@ -37,7 +37,8 @@ MODES = ("full", "lora", "qlora")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="The labelled messages (TSV: label, text).")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="The labelled messages: any file hfgpt reads "
+                        "(.tsv/.csv/.jsonl) with 'label' and 'text' columns.")
     parser.add_argument("--output_dir", default="out/bench_spam")
     parser.add_argument("--heldout_percentage", type=float, default=20.0)
     parser.add_argument("--modes", default=",".join(MODES), help="Comma-separated subset of full, lora, qlora.")
@@ -56,12 +57,12 @@ def parse_args(argv=None):
     # fine-tuning
     parser.add_argument("--epochs", type=float, default=4.0, help="Full fine-tuning (and the baseline).")
     parser.add_argument("--lora_epochs", type=float, default=10.0,
-                        help="LoRA and QLoRA: the adapters learn more slowly than full weights (4 epochs: ~98.6%%).")
+                        help="LoRA and QLoRA: the adapters learn more slowly than full weights (see the README).")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=5e-4, help="Full fine-tuning (and the baseline).")
     parser.add_argument("--lora_learning_rate", type=float, default=2e-3, help="LoRA.")
     parser.add_argument("--qlora_learning_rate", type=float, default=1e-3,
-                        help="QLoRA. At LoRA's 2e-3 its runs fell back to 'all ham' for epochs (97.9%% at the end).")
+                        help="QLoRA: at LoRA's 2e-3 its runs fell back to 'all ham' for epochs (see the README).")
     parser.add_argument("--lora_r", type=int, default=16)
     parser.add_argument("--lora_alpha", type=float, default=32)
     parser.add_argument("--class_weights", default=None, help="Passed to hfgpt classify (e.g. 'balanced').")
