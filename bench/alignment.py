@@ -90,7 +90,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output_dir", default="runs/bench_alignment", help="Where the three models go.")
     parser.add_argument("--data_dir", default=str(DATA_DIR))
     parser.add_argument("--quick", action="store_true", help="A few steps per stage: checks the plumbing only.")
-    parser.add_argument("--pretrain_epochs", type=float, default=4.0)
+    parser.add_argument("--pretrain_epochs", type=float, default=16.0,
+                        help="Over the small training corpus; 16 gave clearly better SFT and DPO than 4 (README).")
     parser.add_argument("--sft_epochs", type=float, default=3.0)
     parser.add_argument("--dpo_epochs", type=float, default=2.0)
     parser.add_argument("--sft_learning_rate", type=float, default=1e-3)
