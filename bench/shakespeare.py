@@ -78,11 +78,15 @@ def split_corpus(path: Path, directory: Path) -> tuple[str, str]:
     return str(train), str(validation)
 
 
-def pretrain_argv(spec: dict, train: str, output_dir: Path, steps: int, seed: int) -> list[str]:
+def pretrain_argv(spec: dict, train: str, output_dir: Path, steps: int, seed: int,
+                  tokenizer_dir: Path | None = None) -> list[str]:
+    """`tokenizer_dir`: a tokenizer already trained for this configuration (else one is trained)."""
+    tokenizer = (["--tokenizer_name_or_path", str(tokenizer_dir)] if tokenizer_dir
+                 else ["--vocab_size", str(spec["vocab_size"])])
     return [
         # validation is scored after training, on the raw text (nats_per_character), not by the Trainer
         "--train_file", train, "--validation_split_percentage", "0", "--sample_by", "document",
-        "--vocab_size", str(spec["vocab_size"]), "--preset", "tiny", "--config_overrides", spec["overrides"],
+        *tokenizer, "--preset", "tiny", "--config_overrides", spec["overrides"],
         "--block_size", str(spec["block_size"]), "--per_device_train_batch_size", str(spec["batch_size"]),
         "--per_device_eval_batch_size", "64", "--max_steps", str(steps),
         "--learning_rate", str(spec["learning_rate"]), "--lr_scheduler_type", "cosine_with_min_lr",
@@ -130,19 +134,22 @@ def run(name: str, data: tuple[str, str], workdir: Path, budget: float | None, s
 
     spec = CONFIGS[name]
     steps = spec.get("steps")
-    calibration_seconds = 0.0
+    calibration_seconds, tokenizer_dir = 0.0, None
     if budget is not None:  # time a few steps first, so that the schedule's length fits the budget
         started = time.perf_counter()
         clock = StepClock()
         run_ = prepare_pretraining(*parse_args(pretrain_argv(spec, data[0], workdir / f"{name}-timing", 40, seed)),
                                    callbacks=[clock])
         run_.trainer.train()
+        tokenizer_dir = workdir / f"{name}-tokenizer"  # the main run reuses it instead of training it again
+        run_.tokenizer.save_pretrained(tokenizer_dir)
         intervals = sorted(b - a for a, b in zip(clock.step_times[10:], clock.step_times[11:]))
         step_seconds = intervals[len(intervals) // 2]  # the median: the first steps and hiccups are slower
         calibration_seconds = time.perf_counter() - started
         steps = max(10, int(budget / step_seconds))
     clock = StepClock(budget)
-    run_ = prepare_pretraining(*parse_args(pretrain_argv(spec, data[0], workdir / name, steps, seed)), callbacks=[clock])
+    run_ = prepare_pretraining(*parse_args(pretrain_argv(spec, data[0], workdir / name, steps, seed, tokenizer_dir)),
+                               callbacks=[clock])
     run_.trainer.train()
     train_seconds = clock.elapsed
     model, tokenizer = run_.trainer.model, run_.tokenizer

@@ -566,11 +566,9 @@ def train_and_finish(task: str, run: PreparedRun, eval_prompts=None, generation:
                            merge_adapter=run.peft_args is None or run.peft_args.merge_adapter)
 
     generations = []
-    if generation.max_eval_prompts == 0:
-        logger.info("--max_eval_prompts 0: no held-out generations.")
-    elif eval_prompts is not None and len(eval_prompts) > 0:
-        source = _source_name(data_source, "eval_prompts", "the held-out prompts")
-        prompts, references = held_out_prompts(eval_prompts, source, generation.max_eval_prompts)
+    source = _source_name(data_source, "eval_prompts", "the held-out prompts")
+    prompts, references = held_out_prompts(eval_prompts or [], source, generation.max_eval_prompts)
+    if prompts:
         generations, rouge = generate_and_score(trainer.model, run.tokenizer, prompts, references,
                                                 generation.max_new_tokens, generation.batch_size, source,
                                                 progress=not args.disable_tqdm)
@@ -578,6 +576,8 @@ def train_and_finish(task: str, run: PreparedRun, eval_prompts=None, generation:
         if args.should_save:
             write_generations(generations, output_dir / files.GENERATIONS)
             files.update_eval_results(output_dir, "rouge", {**rouge, "dataset": {"name": source}})
+    elif generation.max_eval_prompts == 0:
+        logger.info("--max_eval_prompts 0: no held-out generations.")
     else:
         logger.warning("No held-out prompts (no validation rows and no --eval_prompts_file): nothing generated.")
     if "preference" in metrics and args.should_save:
