@@ -166,6 +166,9 @@ def main(argv=None) -> int:
           f"{preference['reward_accuracy']:.3f}, margin {preference['reward_margin']:.3f} "
           f"(beta {preference['beta']}, chosen {preference['reward_chosen']:.3f}, rejected "
           f"{preference['reward_rejected']:.3f})")
+    wrong = [pair for pair in dpo.pairs if not pair["prefers_chosen"]]
+    print(f"  the policy prefers the rejected answer in {len(wrong)} held-out pairs: "
+          f"{output_dir / 'dpo' / 'preference_pairs.jsonl'} lists every pair with its rewards")
     for name, seconds in timings.items():
         print(f"  {name:<32}{seconds:>7.0f} s")
     print(f"total wall time {total / 60:.1f} min on {args.threads} threads; load average now "

@@ -9,6 +9,7 @@ POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal", "rope")
 NORM_TYPES = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 HIDDEN_ACTS = ("gelu", "gelu_new", "relu", "swiglu")
+CLASSIFIER_POOLINGS = ("last", "mean")
 
 _GPT2 = dict(vocab_size=50257, max_position_embeddings=1024, bos_token_id=50256, eos_token_id=50256,
              hidden_act="gelu_new", bias=True, tie_word_embeddings=True)
@@ -81,6 +82,9 @@ class HFGPTConfig(PreTrainedConfig):
             scaled by 1/sqrt(2 * num_hidden_layers) as in GPT-2.
         tie_word_embeddings: share the input embedding and the output projection.
         classifier_dropout: dropout before the sequence-classification head.
+        classifier_pooling: what the sequence-classification head reads: "last", the hidden state of the last real
+            token (which has attended to the whole text; GPT-2's and transformers' convention), or "mean", the
+            average over the real tokens.
     """
 
     model_type = "hfgpt"
@@ -113,6 +117,7 @@ class HFGPTConfig(PreTrainedConfig):
         attention_dropout: float = 0.0,
         residual_dropout: float = 0.0,
         classifier_dropout: float = 0.0,
+        classifier_pooling: str = "last",
         initializer_range: float = 0.02,
         use_cache: bool = True,
         tie_word_embeddings: bool = True,
@@ -145,6 +150,7 @@ class HFGPTConfig(PreTrainedConfig):
         self.attention_dropout = attention_dropout
         self.residual_dropout = residual_dropout
         self.classifier_dropout = classifier_dropout
+        self.classifier_pooling = classifier_pooling
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         self.tie_word_embeddings = tie_word_embeddings
@@ -174,6 +180,7 @@ class HFGPTConfig(PreTrainedConfig):
         _check_choice("norm_type", self.norm_type, NORM_TYPES)
         _check_choice("norm_position", self.norm_position, NORM_POSITIONS)
         _check_choice("hidden_act", self.hidden_act, HIDDEN_ACTS)
+        _check_choice("classifier_pooling", self.classifier_pooling, CLASSIFIER_POOLINGS)
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                      "intermediate_size", "max_position_embeddings"):
             value = getattr(self, name)

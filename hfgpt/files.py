@@ -11,12 +11,14 @@ A model directory (the output of every training script, the input of every eval 
     eval_results.json       {"perplexity": {...}, "rouge": {...}, "classification": {...}}, one key per eval script
     README.md               the model card
     generations.jsonl       SFT / DPO: answers to the held-out prompts, with their references
+    preference_pairs.jsonl  DPO: each held-out preference pair with its implicit rewards
+    predictions.jsonl       classification: each validation text with its label, prediction and class probabilities
 """
 
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 TRAINING_SUMMARY = "training_summary.json"
 LOG_HISTORY_JSON = "log_history.json"
@@ -26,6 +28,11 @@ EVAL_RESULTS = "eval_results.json"
 MODEL_CARD = "README.md"
 # SFT / DPO runs: the answers to the held-out prompts, one JSON object per line: {"prompt", "prediction", "reference"}.
 GENERATIONS = "generations.jsonl"
+# DPO runs: each held-out preference pair with its implicit rewards:
+# {"prompt", "chosen", "rejected", "reward_chosen", "reward_rejected", "margin", "prefers_chosen"}.
+PREFERENCE_PAIRS = "preference_pairs.jsonl"
+# Classification runs: each validation row: {"text", "label", "prediction", "correct", "probabilities": {label: p}}.
+PREDICTIONS = "predictions.jsonl"
 # LoRA / QLoRA runs: the adapter (adapter_config.json, adapter_model.safetensors) lives in this subdirectory; the
 # output directory itself holds the merged model.
 ADAPTER_DIR = "adapter"
@@ -39,6 +46,18 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
+    """One JSON object per line, written atomically like `write_json`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
     os.replace(tmp, path)
     return path
 

@@ -486,7 +486,8 @@ class HFGPTForCausalLM(HFGPTPreTrainedModel, GenerationMixin):
 
 
 class HFGPTForSequenceClassification(HFGPTPreTrainedModel):
-    """Classifies a sequence from the hidden state of its last real (non-padding) token, which has seen it all."""
+    """Classifies a sequence from the hidden state of its last real (non-padding) token, which has seen it all, or
+    (config.classifier_pooling="mean") from the average of its real tokens' hidden states."""
 
     def __init__(self, config: HFGPTConfig):
         super().__init__(config)
@@ -509,6 +510,19 @@ class HFGPTForSequenceClassification(HFGPTPreTrainedModel):
                 "tokenizer.pad_token_id)."
             )
         return torch.full((batch_size,), seq_len - 1, device=device)
+
+    def _pool(self, hidden_states, input_ids, attention_mask) -> torch.Tensor:
+        batch_size, seq_len = hidden_states.shape[:2]
+        device = hidden_states.device
+        last = self._last_token_index(input_ids, attention_mask, batch_size, seq_len, device)
+        if self.config.classifier_pooling == "last":
+            return hidden_states[torch.arange(batch_size, device=device), last]
+        # mean over the real tokens: those the attention mask keeps, or else every position up to the last real one
+        if attention_mask is not None:
+            real = attention_mask.to(device=device, dtype=hidden_states.dtype)
+        else:
+            real = (torch.arange(seq_len, device=device) <= last.unsqueeze(-1)).to(hidden_states.dtype)
+        return (hidden_states * real.unsqueeze(-1)).sum(1) / real.sum(1, keepdim=True).clamp(min=1)
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # transformers' name before 5.24
@@ -537,10 +551,7 @@ class HFGPTForSequenceClassification(HFGPTPreTrainedModel):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        batch_size, seq_len = hidden_states.shape[:2]
-        last = self._last_token_index(input_ids, attention_mask, batch_size, seq_len, hidden_states.device)
-        pooled = hidden_states[torch.arange(batch_size, device=hidden_states.device), last]
-        logits = self.score(self.dropout(pooled))
+        logits = self.score(self.dropout(self._pool(hidden_states, input_ids, attention_mask)))
 
         loss = None
         if labels is not None:

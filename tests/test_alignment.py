@@ -180,6 +180,9 @@ def test_dpo_trains_and_saves_a_chat_model(tmp_path, base_dir, tiny_tokenizer, s
     preference = result.metrics["preference"]
     assert preference["num_pairs"] == 2 and 0.0 <= preference["reward_accuracy"] <= 1.0
     assert files.read_json(result.output_dir / files.EVAL_RESULTS)["preference"]["num_pairs"] == 2
+    pairs = [json.loads(line) for line in (result.output_dir / files.PREFERENCE_PAIRS).read_text().splitlines()]
+    assert [pair["rejected"] for pair in pairs] == ["No.", "No."]
+    assert preference["reward_accuracy"] == sum(pair["prefers_chosen"] for pair in pairs) / 2 and pairs == result.pairs
     check_outputs(result, starting_weights, lora, source == "dir", rows[8:], "chosen")
 
 
@@ -216,17 +219,27 @@ def test_dpo_reference_is_a_frozen_copy_or_the_adapter_disabled_policy(tmp_path,
     torch.testing.assert_close(reference_logits, starting_logits)  # ...the reference did not
 
 
-def test_dpo_learns_the_preferences(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_dpo_learns_the_preferences_pair_by_pair(tmp_path, tiny_tokenizer, lora):
     rows = preference_rows(8)
-    run = build_dpo_trainer(fresh_model(tiny_tokenizer), rows, config(HFGPTDPOConfig, tmp_path, max_steps=12),
-                            tokenizer=tiny_tokenizer, eval_dataset=rows)
-    from hfgpt.training.alignment import preference_metrics
+    settings = dict(max_steps=12, learning_rate=1e-2 if lora else 1e-3)  # adapters want a higher rate
+    run = build_dpo_trainer(fresh_model(tiny_tokenizer), rows, config(HFGPTDPOConfig, tmp_path, **settings),
+                            tokenizer=tiny_tokenizer, eval_dataset=rows, peft_args=peft_args(lora))
+    from hfgpt.training.alignment import preference_metrics, preference_pairs
 
-    before = preference_metrics(run.trainer)
-    assert before["reward_accuracy"] == 0.0 and before["reward_margin"] == 0.0  # policy == reference
+    before = preference_pairs(run.trainer)
+    assert [(pair["chosen"], pair["rejected"]) for pair in before] == [(row["chosen"], row["rejected"]) for row in rows]
+    assert all(pair["reward_chosen"] == pair["reward_rejected"] == 0.0 for pair in before)  # policy == reference
+    assert preference_metrics(run.trainer, before)["reward_accuracy"] == 0.0  # a tie is no preference
     run.trainer.train()
-    after = preference_metrics(run.trainer)
-    assert after["reward_accuracy"] == 1.0 and after["reward_margin"] > 0.5
+    after = preference_pairs(run.trainer)
+    assert all(pair["prefers_chosen"] and pair["margin"] > 0.5 for pair in after)
+    metrics = preference_metrics(run.trainer, after)
+    assert metrics["reward_accuracy"] == 1.0 and metrics["num_pairs"] == 8
+    # the same numbers as TRL's own evaluation (8 pairs in eval batches of 4: its mean of batch means is exact)
+    trl_metrics = run.trainer.evaluate()
+    assert metrics["reward_margin"] == pytest.approx(trl_metrics["eval_rewards/margins"], rel=1e-4)
+    assert metrics["reward_chosen"] == pytest.approx(trl_metrics["eval_rewards/chosen"], rel=1e-4)
 
 
 # --- the command line -------------------------------------------------------------------------------------------------

@@ -174,9 +174,11 @@ def test_classify_full_end_to_end(base_dir, tmp_path):
     out = tmp_path / "out"
     assert _run(["--model_name_or_path", base_dir, "--train_file", str(train), "--validation_file", str(validation),
                  "--output_dir", str(out), "--num_train_epochs", "3", "--learning_rate", "2e-3",
-                 "--per_device_train_batch_size", "8", "--class_weights", "balanced", "--logging_steps", "5"]) == 0
+                 "--per_device_train_batch_size", "8", "--class_weights", "balanced", "--logging_steps", "5",
+                 "--classifier_pooling", "mean"]) == 0
 
     model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.classifier_pooling == "mean"
     assert model.config.id2label == {0: "ham", 1: "spam"} and model.config.label2id == {"ham": 0, "spam": 1}
     results = json.loads((out / "eval_results.json").read_text())["classification"]
     assert results["label_names"] == ["ham", "spam"] and results["num_examples"] == 24
@@ -188,6 +190,13 @@ def test_classify_full_end_to_end(base_dir, tmp_path):
     predictions = predict_classes(model.eval(), tokenizer, [text for _, text in rows], progress=False)
     accuracy = sum(model.config.id2label[p] == label for p, (label, _) in zip(predictions, rows)) / len(rows)
     assert accuracy == pytest.approx(results["accuracy"])
+    # every validation text, in file order, with its label, prediction and class probabilities
+    predicted = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [(row["label"], row["text"]) for row in predicted] == [(label, text) for label, text in rows]
+    assert [row["prediction"] for row in predicted] == [model.config.id2label[p] for p in predictions]
+    assert all(row["correct"] == (row["label"] == row["prediction"]) for row in predicted)
+    assert all(sum(row["probabilities"].values()) == pytest.approx(1, abs=1e-4) for row in predicted)
+    assert sum(row["correct"] for row in predicted) / len(rows) == pytest.approx(results["accuracy"])
 
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["method"] == "full" and summary["class_weights"] == "balanced"
@@ -217,6 +226,9 @@ def test_classify_qlora_end_to_end(base_dir, tmp_path):
     assert summary["parameters"]["trainable"] < summary["parameters"]["total"] / 5
     assert summary["memory"]["linear_ratio_to_fp32"] < 0.35
     assert "merged_accuracy" in summary["final_metrics"]
+    predicted = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predicted) == 12  # 20% of 60 rows
+    assert sum(row["correct"] for row in predicted) / 12 == pytest.approx(summary["final_metrics"]["merged_accuracy"])
     assert PeftConfig.from_pretrained(out / "adapter").base_model_name_or_path == base_dir
     merged = AutoModelForSequenceClassification.from_pretrained(out)
     assert merged.config.id2label == {0: "ham", 1: "spam"}
@@ -231,6 +243,7 @@ def test_classify_qlora_end_to_end(base_dir, tmp_path):
         (["--train_last_n_blocks", "5"], "the model has 2 blocks"),
         (["--lora", "--train_last_n_blocks", "1"], "pick one"),
         (["--class_weights", "1,2,3"], "need 2 positive numbers"),
+        (["--classifier_pooling", "max"], "--classifier_pooling 'max': choose one of last, mean"),
     ],
 )
 def test_classify_bad_input_is_a_clear_error(base_dir, tmp_path, capsys, extra, message):

@@ -301,11 +301,13 @@ def test_base_model_returns_hidden_states():
 
 
 class TestSequenceClassification:
-    def model(self, pad_token_id=0):
-        return make_model(cls=HFGPTForSequenceClassification, num_labels=3, pad_token_id=pad_token_id)
+    def model(self, pad_token_id=0, pooling="last"):
+        return make_model(cls=HFGPTForSequenceClassification, num_labels=3, pad_token_id=pad_token_id,
+                          classifier_pooling=pooling)
 
-    def test_pools_the_last_real_token_whatever_the_padding(self):
-        model = self.model()
+    @pytest.mark.parametrize("pooling", ["last", "mean"])
+    def test_pools_the_real_tokens_whatever_the_padding(self, pooling):
+        model = self.model(pooling=pooling)
         row = random_ids(1, 6)
         alone = model(row).logits
         pad = torch.zeros(1, 3, dtype=torch.long)
@@ -320,6 +322,21 @@ class TestSequenceClassification:
         position_ids = (left_mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(left, attention_mask=left_mask, position_ids=position_ids).logits
         torch.testing.assert_close(logits[:1], alone, atol=1e-5, rtol=1e-5)
+
+    def test_mean_pooling_averages_the_real_tokens_hidden_states(self):
+        model = self.model(pooling="mean")
+        ids, mask = random_ids(2, 7), torch.ones(2, 7, dtype=torch.long)
+        mask[0, 4:] = 0
+        with torch.no_grad():
+            hidden = model.transformer(ids, attention_mask=mask).last_hidden_state
+            expected = torch.stack([hidden[0, :4].mean(0), hidden[1].mean(0)])
+            torch.testing.assert_close(model(ids, attention_mask=mask).logits, model.score(expected))
+            last = model.score(torch.stack([hidden[0, 3], hidden[1, 6]]))
+        assert not torch.allclose(model.score(expected), last)
+
+    def test_unknown_pooling_is_a_clear_error(self):
+        with pytest.raises(ValueError, match="classifier_pooling='max' is not supported; choose one of 'last', 'mean'"):
+            HFGPTConfig.from_preset("tiny", classifier_pooling="max")
 
     def test_loss_and_training(self):
         model = self.model().train()

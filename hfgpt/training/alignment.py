@@ -162,6 +162,7 @@ class AlignmentResult:
     output_dir: Path
     metrics: dict
     generations: list[dict]
+    pairs: list[dict] = field(default_factory=list)  # DPO: the held-out pairs with their rewards (preference_pairs)
 
 
 # --- model and tokenizer ----------------------------------------------------------------------------------------------
@@ -340,32 +341,79 @@ def generate_and_score(model, tokenizer, prompts: list, references: list[str], m
     return rows, scores
 
 
-def write_generations(rows: list[dict], path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+def preference_pairs(trainer) -> list[dict]:
+    """Each of the trainer's held-out pairs, in order, with DPO's implicit rewards: beta * (log pi(answer | prompt) -
+    log pi_ref(answer | prompt)), summed over the answer's tokens as DPO's loss sums them (with LD-DPO's `ld_alpha`
+    when set). `prefers_chosen` is the pair's share of the reward accuracy; the file of them shows which pairs the
+    policy gets wrong."""
+    import torch
+
+    model, tokenizer, beta = trainer.model, trainer.processing_class, trainer.args.beta
+    was_training = model.training
+    model.eval()
+    chosen_rewards, rejected_rewards = [], []
+    try:
+        for batch in trainer.get_eval_dataloader():
+            batch = trainer._prepare_inputs(batch)
+            with torch.no_grad():
+                chosen, rejected = _answer_log_probs(model, batch, trainer.ld_alpha)
+                if "ref_chosen_logps" in batch:  # precompute_ref_log_probs=True
+                    ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+                else:  # TRL's own reference pass: the frozen model, or the policy with its adapters disabled
+                    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.ref_model or model, batch)
+            chosen, rejected = trainer.accelerator.gather_for_metrics((beta * (chosen - ref_chosen),
+                                                                      beta * (rejected - ref_rejected)))
+            chosen_rewards += chosen.float().tolist()
+            rejected_rewards += rejected.float().tolist()
+    finally:
+        model.train(was_training)
+
+    def text(ids) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    return [{"prompt": text(row["prompt_ids"]), "chosen": text(row["chosen_ids"]), "rejected": text(row["rejected_ids"]),
+             "reward_chosen": chosen, "reward_rejected": rejected, "margin": chosen - rejected,
+             "prefers_chosen": chosen > rejected}
+            for row, chosen, rejected in zip(trainer.eval_dataset, chosen_rewards, rejected_rewards)]
 
 
-def preference_metrics(trainer) -> dict:
-    """DPO's implicit rewards on the trainer's held-out pairs: how often the policy prefers `chosen` over `rejected`
-    relative to the reference (reward accuracy) and by how much (margin of beta * log-ratio).
+def _answer_log_probs(model, batch, ld_alpha: float | None):
+    """Summed log-probabilities of the chosen and the rejected answers (the batch holds all chosen rows, then all
+    rejected ones, as TRL's collator builds it). The forward goes through the LM head TRL fuses into the model, which
+    returns each token's log-probability (0 outside the answer)."""
+    import torch
 
-    These are TRL's evaluation metrics, which average the per-batch means: exact when the number of pairs is a
-    multiple of `per_device_eval_batch_size`, otherwise the last (smaller) batch weighs a little more."""
+    inputs = {key: value for key, value in batch.items()
+              if key not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    answer_mask = batch["completion_mask"][:, 1:]
+    per_token = model(**inputs, labels=labels, use_cache=False, fused_lm_head=True).log_probs[:, -answer_mask.size(1):]
+    if ld_alpha is None:
+        return per_token.sum(dim=1).chunk(2)
+    # LD-DPO: tokens beyond the shorter answer's length count ld_alpha times
+    position = answer_mask.cumsum(dim=1)
+    shared = torch.minimum(*answer_mask.sum(dim=1).chunk(2)).repeat(2).unsqueeze(1)
+    shared_mask, tail_mask = (position > 0) & (position <= shared), position > shared
+    return ((per_token * shared_mask).sum(dim=1) + ld_alpha * (per_token * tail_mask).sum(dim=1)).chunk(2)
+
+
+def preference_metrics(trainer, pairs: list[dict] | None = None) -> dict:
+    """Reward accuracy (how often the policy prefers `chosen` over `rejected` relative to the reference) and the mean
+    rewards and margin over the held-out pairs, from `preference_pairs` (pass them if already computed), plus
+    TRL's evaluation loss. Exact means over the pairs (TRL's own eval metrics average per-batch means)."""
+    pairs = preference_pairs(trainer) if pairs is None else pairs
     raw = trainer.evaluate()  # TRL names its metrics eval_* whatever metric_key_prefix says
+
+    def mean(key: str) -> float:
+        return sum(float(pair[key]) for pair in pairs) / len(pairs) if pairs else float("nan")
+
     return {
-        "reward_accuracy": raw["eval_rewards/accuracies"],
-        "reward_margin": raw["eval_rewards/margins"],
-        "reward_chosen": raw["eval_rewards/chosen"],
-        "reward_rejected": raw["eval_rewards/rejected"],
+        "reward_accuracy": mean("prefers_chosen"),
+        "reward_margin": mean("margin"),
+        "reward_chosen": mean("reward_chosen"),
+        "reward_rejected": mean("reward_rejected"),
         "loss": raw["eval_loss"],
-        "num_pairs": len(trainer.eval_dataset),
-        "eval_batch_size": trainer.args.per_device_eval_batch_size,
+        "num_pairs": len(pairs),
         "beta": trainer.args.beta,
         "loss_type": list(trainer.args.loss_type),
     }
@@ -557,9 +605,16 @@ def train_and_finish(task: str, run: PreparedRun, eval_prompts=None, generation:
     data_source = data_source or {}
     output_dir = Path(args.output_dir)
     metrics = {"train": trainer.train(resume_from_checkpoint=run.resume_checkpoint).metrics}
+    pairs = []
     if trainer.eval_dataset is not None:
         if isinstance(trainer, trl.DPOTrainer):
-            metrics["preference"] = preference_metrics(trainer)
+            pairs = preference_pairs(trainer)
+            metrics["preference"] = preference_metrics(trainer, pairs)
+            if args.should_save:
+                files.write_jsonl(output_dir / files.PREFERENCE_PAIRS, pairs)
+            logger.info("DPO held-out pairs: the policy prefers the rejected answer in %d of %d (%s)",
+                        sum(not pair["prefers_chosen"] for pair in pairs), len(pairs),
+                        output_dir / files.PREFERENCE_PAIRS)
         else:
             metrics["validation"] = trainer.evaluate()
     written = save_outputs(trainer, run.tokenizer, output_dir,
@@ -574,7 +629,7 @@ def train_and_finish(task: str, run: PreparedRun, eval_prompts=None, generation:
                                                 progress=not args.disable_tqdm)
         metrics["rouge"] = rouge
         if args.should_save:
-            write_generations(generations, output_dir / files.GENERATIONS)
+            files.write_jsonl(output_dir / files.GENERATIONS, generations)
             files.update_eval_results(output_dir, "rouge", {**rouge, "dataset": {"name": source}})
     elif generation.max_eval_prompts == 0:
         logger.info("--max_eval_prompts 0: no held-out generations.")
@@ -599,7 +654,8 @@ def train_and_finish(task: str, run: PreparedRun, eval_prompts=None, generation:
         write_training_summary(output_dir, summary)
         finish_model_dir(output_dir, push_to_hub=push_to_hub, hub_model_id=args.hub_model_id,
                          hub_token=args.hub_token, hub_private_repo=args.hub_private_repo)
-    return AlignmentResult(trainer=trainer, output_dir=output_dir, metrics=metrics, generations=generations)
+    return AlignmentResult(trainer=trainer, output_dir=output_dir, metrics=metrics, generations=generations,
+                           pairs=pairs)
 
 
 def run_sft(model: ModelLike, train_dataset, args: trl.SFTConfig, tokenizer: ModelLike = None, eval_dataset=None,
@@ -740,6 +796,7 @@ __all__ = [
     "dpo_main",
     "generate_and_score",
     "preference_metrics",
+    "preference_pairs",
     "run_dpo",
     "run_sft",
     "sft_main",

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import SequentialSampler
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -40,6 +41,7 @@ from transformers import (
 )
 
 from .. import files
+from ..configuration_hfgpt import CLASSIFIER_POOLINGS
 from ..data.labels import LABEL_ID_COLUMN, label_mappings, load_labelled_datasets
 from ..data.sources import TRAIN_SPLIT, VALIDATION_SPLIT, DataError, split_file_list
 from .common import (
@@ -93,6 +95,10 @@ class ClassificationArguments:
     train_last_n_blocks: int | None = field(
         default=None, metadata={"help": "Train only the last N blocks, the final norm and the head; everything else "
                                         "stays frozen. Default: train everything (or, with --lora, the adapters)."})
+    classifier_pooling: str | None = field(
+        default=None, metadata={"help": "What the head reads: 'last' (the last real token's hidden state) or 'mean' "
+                                        "(the average over the real tokens). Default: the model config's "
+                                        "classifier_pooling ('last' unless set)."})
     class_weights: str | None = field(
         default=None, metadata={"help": "Weight the loss per class for imbalanced data: 'balanced' (n_rows / "
                                         "(n_classes * rows of the class), as scikit-learn) or one weight per class "
@@ -107,6 +113,9 @@ class ClassificationArguments:
         if self.class_names is not None:  # (TrainingArguments.label_names is something else: the batch's label keys)
             self.class_names = [name.strip() for item in self.class_names for name in str(item).split(",")
                                 if name.strip()] or None
+        if self.classifier_pooling is not None and self.classifier_pooling not in CLASSIFIER_POOLINGS:
+            raise ValueError(f"--classifier_pooling {self.classifier_pooling!r}: choose one of "
+                             f"{', '.join(CLASSIFIER_POOLINGS)}.")
         if self.train_last_n_blocks is not None and self.train_last_n_blocks < 1:
             raise ValueError(f"--train_last_n_blocks must be at least 1, got {self.train_last_n_blocks}.")
 
@@ -215,7 +224,14 @@ def metrics_function(num_labels: int):
 
 
 class ClassificationTrainer(MatrixWeightDecayMixin, Trainer):
-    """Trainer with weight decay on weight matrices only."""
+    """Trainer with weight decay on weight matrices only, evaluating in dataset order."""
+
+    def _get_eval_sampler(self, eval_dataset):
+        # transformers length-groups (and so shuffles) evaluation batches too under group_by_length; grouping only
+        # saves padding, and in order the predictions line up with the validation rows (predictions.jsonl)
+        if eval_dataset is None or self.args.world_size > 1:  # several processes: accelerate shards in order
+            return None
+        return SequentialSampler(eval_dataset)
 
 
 # --- the run ----------------------------------------------------------------------------------------------------------
@@ -268,6 +284,7 @@ class ClassificationRun:
     summary: dict
     memory: dict
     started: float
+    validation_texts: list[str] | None = None  # for predictions.jsonl, in the order of the eval dataset
 
 
 def prepare_classification(args: ClassificationArguments, training_args: ClassificationTrainingArguments,
@@ -304,6 +321,8 @@ def prepare_classification(args: ClassificationArguments, training_args: Classif
     id2label, label2id = label_mappings(label_names)
     model_kwargs = dict(num_labels=len(label_names), id2label=id2label, label2id=label2id,
                         pad_token_id=tokenizer.pad_token_id, trust_remote_code=args.trust_remote_code)
+    if args.classifier_pooling:
+        model_kwargs["classifier_pooling"] = args.classifier_pooling
     # the labels decide the head's shape: compare against what is in --output_dir before loading anything big
     target_config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code,
                                                **{k: v for k, v in model_kwargs.items() if k != "trust_remote_code"})
@@ -359,8 +378,9 @@ def prepare_classification(args: ClassificationArguments, training_args: Classif
         "train_last_n_blocks": args.train_last_n_blocks,
         "class_weights": args.class_weights,
     }
+    validation_texts = raw[VALIDATION_SPLIT][args.text_column] if has_validation else None
     return ClassificationRun(args, training_args, peft_args, trainer, tokenizer, label_names, resume_checkpoint,
-                             summary, memory, started)
+                             summary, memory, started, validation_texts)
 
 
 def _save_model(run: ClassificationRun, output_dir: Path) -> None:
@@ -381,16 +401,27 @@ def _evaluation_results(run: ClassificationRun, predictions, references) -> dict
     return results
 
 
+def prediction_rows(texts: Sequence[str], logits: np.ndarray, references: np.ndarray, label_names: Sequence[str]):
+    """predictions.jsonl's rows: each validation text with its label, the predicted label and every class's
+    probability, so the misclassified texts are one filter away."""
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float32)
+    probabilities = logits.softmax(-1).tolist()
+    return [{"text": text, "label": label_names[int(reference)], "prediction": label_names[int(predicted)],
+             "correct": int(reference) == int(predicted),
+             "probabilities": {name: round(p, 6) for name, p in zip(label_names, row)}}
+            for text, reference, predicted, row in zip(texts, references, logits.argmax(-1).tolist(), probabilities)]
+
+
 @torch.no_grad()
 def _predict_saved_model(run: ClassificationRun, output_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Predictions of the model saved in `output_dir` on the validation split."""
+    """Logits of the model saved in `output_dir` on the validation split, and the labels."""
     model = AutoModelForSequenceClassification.from_pretrained(output_dir).to(run.training_args.device).eval()
-    predictions, references = [], []
+    logits, references = [], []
     for batch in run.trainer.get_eval_dataloader():
         batch = {key: value.to(model.device) for key, value in batch.items()}
         references.append(batch.pop("labels").cpu())
-        predictions.append(model(**batch).logits.argmax(-1).cpu())
-    return torch.cat(predictions).numpy(), torch.cat(references).numpy()
+        logits.append(model(**batch).logits.float().cpu())
+    return torch.cat(logits).numpy(), torch.cat(references).numpy()
 
 
 def train_and_save(run: ClassificationRun) -> dict:
@@ -409,14 +440,16 @@ def train_and_save(run: ClassificationRun) -> dict:
         trainer.log(prediction.metrics)
         metrics.update(prediction.metrics)
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        evaluation = _evaluation_results(run, logits.argmax(-1), prediction.label_ids)
+        references = prediction.label_ids
+        evaluation = _evaluation_results(run, logits.argmax(-1), references)
     metrics["wall_time_seconds"] = round(time.time() - run.started, 1)
 
     _save_model(run, output_dir)
     if training_args.process_index == 0:
         if evaluation is not None and peft_args.qlora and peft_args.merge_adapter:
             # The merged float32 model is not the 4-bit one just evaluated (NF4 rounding): score what was saved.
-            evaluation = _evaluation_results(run, *_predict_saved_model(run, output_dir))
+            logits, references = _predict_saved_model(run, output_dir)
+            evaluation = _evaluation_results(run, logits.argmax(-1), references)
             metrics.update({f"merged_{key}": evaluation[key] for key in ("accuracy", "precision", "recall", "f1")})
         report = run_report(trainer.model, run.memory, peft_args)
         write_training_summary(output_dir, {
@@ -428,6 +461,8 @@ def train_and_save(run: ClassificationRun) -> dict:
         })
         if evaluation is not None:
             files.update_eval_results(output_dir, "classification", evaluation)
+            files.write_jsonl(output_dir / files.PREDICTIONS,
+                              prediction_rows(run.validation_texts, logits, references, run.label_names))
         _print_report(metrics, report, output_dir)
         if (output_dir / "config.json").is_file():  # not with --lora --merge_adapter false: no model to describe
             finish_model_dir(output_dir, push_to_hub=training_args.push_to_hub,
