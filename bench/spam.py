@@ -13,6 +13,7 @@ Steps (each a separate `hfgpt` process, so its wall time and peak memory are its
    message per document), the only in-domain text there is here.
 3. Fine-tune (`hfgpt classify`) on the labelled training messages: the pretrained model in full, LoRA and QLoRA
    modes, and the same architecture from random weights ("from nothing", full fine-tuning with the same settings).
+   The head reads the last token's state (`--classifier_pooling mean`: the mean of the message's token states).
 4. Print held-out accuracy, spam precision / recall / F1, wall time and CPU time per step, and save it all as JSON.
 
 The machine may be shared: the table gives each step's CPU time / wall time and the load average, so contention is
@@ -54,6 +55,10 @@ def parse_args(argv=None):
     parser.add_argument("--pretrain_epochs", type=float, default=8.0)
     parser.add_argument("--pretrain_learning_rate", type=float, default=2e-3)
     parser.add_argument("--pretrain_batch_size", type=int, default=16)
+    parser.add_argument("--pretrain_extra_files", nargs="*", default=[],
+                        help="More text to pretrain on beside the training messages (never the held-out ones): .txt "
+                             "files (a paragraph is a document) or .jsonl files (a row's text fields, joined, are a "
+                             "document), e.g. ../shared/data/tinyshakespeare.txt ../shared/data/instructions.jsonl.")
     # fine-tuning
     parser.add_argument("--epochs", type=float, default=4.0, help="Full fine-tuning (and the baseline).")
     parser.add_argument("--lora_epochs", type=float, default=10.0,
@@ -64,6 +69,9 @@ def parse_args(argv=None):
                         help="LoRA and QLoRA. At 2e-3 both fell back to 'all ham' for epochs (see the README).")
     parser.add_argument("--lora_r", type=int, default=16)
     parser.add_argument("--lora_alpha", type=float, default=32)
+    parser.add_argument("--classifier_pooling", default="last", choices=("last", "mean"),
+                        help="What the classification head reads, for every run: the last token's state or the mean "
+                             "of the message's token states (the README has runs of both).")
     parser.add_argument("--class_weights", default="balanced",
                         help="Passed to hfgpt classify for every run: 'balanced' weighs the loss by inverse class "
                              "frequency (13%% of the messages are spam); 'none' for the plain loss.")
@@ -115,9 +123,35 @@ def run_step(name: str, argv: list[str], log_dir: Path, threads: int | None) -> 
     return step
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_pretraining_corpus(messages_file: Path, extra_files: list[str], path: Path) -> Path:
+    """One plain-text corpus, a document per paragraph: the training messages, then each extra file's documents
+    (.jsonl: a row's text fields joined by newlines; .txt: its paragraphs)."""
+    documents = [row["text"] for row in read_jsonl(messages_file)]
+    for file in map(Path, extra_files):
+        if file.suffix == ".jsonl":
+            documents += ["\n".join(value for value in row.values() if isinstance(value, str) and value.strip())
+                          for row in read_jsonl(file)]
+        else:
+            documents += file.read_text(encoding="utf-8").split("\n\n")
+    # blank lines separate documents, so none may stay inside one
+    documents = ["\n".join(line for line in doc.splitlines() if line.strip()) for doc in documents]
+    path.write_text("\n\n".join(doc for doc in documents if doc) + "\n", encoding="utf-8")
+    return path
+
+
 def pretrain(args, data_dir: Path, model_dir: Path, log_dir: Path) -> dict:
+    if args.pretrain_extra_files:
+        corpus = write_pretraining_corpus(data_dir / "train.jsonl", args.pretrain_extra_files,
+                                          data_dir / "pretraining_corpus.txt")
+        source = ["--train_file", str(corpus)]
+    else:
+        source = ["--train_file", str(data_dir / "train.jsonl"), "--text_column", "text"]
     return run_step("pretrain", [
-        "pretrain", "--train_file", str(data_dir / "train.jsonl"), "--text_column", "text",
+        "pretrain", *source,
         "--vocab_size", str(args.vocab_size), "--preset", "small", "--config_overrides", args.config_overrides,
         "--validation_split_percentage", "5", "--num_train_epochs", str(args.pretrain_epochs),
         "--learning_rate", str(args.pretrain_learning_rate), "--per_device_train_batch_size",
@@ -148,6 +182,7 @@ def classify(args, name: str, model_dir: Path, data_dir: Path, output_dir: Path,
         "--num_train_epochs", str(epochs), "--per_device_train_batch_size", str(args.batch_size),
         "--output_dir", str(output_dir), "--overwrite_output_dir", "--save_strategy", "no", "--report_to", "none",
         "--seed", str(args.seed), "--disable_tqdm", "true", "--logging_steps", "20",
+        "--classifier_pooling", args.classifier_pooling,
         *(["--class_weights", args.class_weights] if args.class_weights != "none" else []), *extra,
     ], log_dir, args.threads)
     results = json.loads((output_dir / "eval_results.json").read_text())["classification"]
