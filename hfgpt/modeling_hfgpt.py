@@ -514,14 +514,14 @@ class HFGPTForSequenceClassification(HFGPTPreTrainedModel):
     def _pool(self, hidden_states, input_ids, attention_mask) -> torch.Tensor:
         batch_size, seq_len = hidden_states.shape[:2]
         device = hidden_states.device
-        last = self._last_token_index(input_ids, attention_mask, batch_size, seq_len, device)
-        if self.config.classifier_pooling == "last":
-            return hidden_states[torch.arange(batch_size, device=device), last]
-        # mean over the real tokens: those the attention mask keeps, or else every position up to the last real one
-        if attention_mask is not None:
-            real = attention_mask.to(device=device, dtype=hidden_states.dtype)
+        if self.config.classifier_pooling == "mean" and attention_mask is not None:
+            real = attention_mask.to(device=device, dtype=hidden_states.dtype)  # the tokens the mask keeps
         else:
+            last = self._last_token_index(input_ids, attention_mask, batch_size, seq_len, device)
+            if self.config.classifier_pooling == "last":
+                return hidden_states[torch.arange(batch_size, device=device), last]
             real = (torch.arange(seq_len, device=device) <= last.unsqueeze(-1)).to(hidden_states.dtype)
+        # mean over the real tokens
         return (hidden_states * real.unsqueeze(-1)).sum(1) / real.sum(1, keepdim=True).clamp(min=1)
 
     @can_return_tuple
