@@ -174,8 +174,19 @@ class HFGPTConfig(PreTrainedConfig):
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        # from_pretrained(path, **overrides) builds the config and then setattr()s the overrides onto it, past
+        # __init__'s validation: check the result again so a bad override fails here, not deep in the model.
+        loaded = super().from_dict(config_dict, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        config.validate()
+        return loaded
+
     def validate(self) -> None:
-        """Raise a ValueError naming the bad value and what is allowed. Called at construction."""
+        """Raise a ValueError naming the bad value and what is allowed. Called at construction, after
+        `from_pretrained` overrides and by `save_pretrained`."""
+        super().validate()  # transformers' own checks (special token ids, output_attentions) first
         _check_choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
         _check_choice("norm_type", self.norm_type, NORM_TYPES)
         _check_choice("norm_position", self.norm_position, NORM_POSITIONS)

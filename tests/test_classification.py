@@ -243,7 +243,7 @@ def test_classify_qlora_end_to_end(base_dir, tmp_path):
         (["--train_last_n_blocks", "5"], "the model has 2 blocks"),
         (["--lora", "--train_last_n_blocks", "1"], "pick one"),
         (["--class_weights", "1,2,3"], "need 2 positive numbers"),
-        (["--classifier_pooling", "max"], "--classifier_pooling 'max': choose one of last, mean"),
+        (["--classifier_pooling", "max"], "classifier_pooling='max' is not supported; choose one of 'last', 'mean'"),
     ],
 )
 def test_classify_bad_input_is_a_clear_error(base_dir, tmp_path, capsys, extra, message):

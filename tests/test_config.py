@@ -1,5 +1,6 @@
 import pytest
 import torch
+from transformers import AutoConfig
 
 from hfgpt import HFGPTConfig, HFGPTForCausalLM
 from hfgpt.configuration_hfgpt import PRESETS
@@ -73,6 +74,16 @@ def test_swiglu_default_width_keeps_the_mlp_parameter_count():
 def test_bad_values_are_rejected_at_construction(overrides, message):
     with pytest.raises(ValueError, match=message):
         HFGPTConfig.from_preset("tiny", **overrides)
+
+
+def test_from_pretrained_overrides_are_validated(tmp_path):
+    # from_pretrained sets keyword overrides after __init__ has validated the stored config
+    HFGPTConfig.from_preset("tiny").save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path, norm_type="rmsnorm").norm_type == "rmsnorm"
+    with pytest.raises(ValueError, match=r"norm_type='batchnorm'.*'layernorm', 'rmsnorm'"):
+        AutoConfig.from_pretrained(tmp_path, norm_type="batchnorm")
+    with pytest.raises(ValueError, match=r"hidden_size=66 is not divisible by num_attention_heads=4"):
+        HFGPTConfig.from_pretrained(tmp_path, hidden_size=66)
 
 
 def test_every_preset_is_valid():

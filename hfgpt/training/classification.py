@@ -41,7 +41,6 @@ from transformers import (
 )
 
 from .. import files
-from ..configuration_hfgpt import CLASSIFIER_POOLINGS
 from ..data.labels import LABEL_ID_COLUMN, label_mappings, load_labelled_datasets
 from ..data.sources import TRAIN_SPLIT, VALIDATION_SPLIT, DataError, split_file_list
 from .common import (
@@ -113,9 +112,6 @@ class ClassificationArguments:
         if self.class_names is not None:  # (TrainingArguments.label_names is something else: the batch's label keys)
             self.class_names = [name.strip() for item in self.class_names for name in str(item).split(",")
                                 if name.strip()] or None
-        if self.classifier_pooling is not None and self.classifier_pooling not in CLASSIFIER_POOLINGS:
-            raise ValueError(f"--classifier_pooling {self.classifier_pooling!r}: choose one of "
-                             f"{', '.join(CLASSIFIER_POOLINGS)}.")
         if self.train_last_n_blocks is not None and self.train_last_n_blocks < 1:
             raise ValueError(f"--train_last_n_blocks must be at least 1, got {self.train_last_n_blocks}.")
 
