@@ -23,7 +23,6 @@ Prints one table, the wall time of each stage, and the machine's load average (o
 """
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -32,10 +31,6 @@ import torch
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 HOLD_OUT = 0.10
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -104,13 +99,14 @@ def main(argv=None) -> int:
                              "this small model's steps slower here (each op waits for both threads).")
     args = parser.parse_args(argv)
 
+    from hfgpt.files import read_rows
     from hfgpt.training.alignment import GenerationSettings, HFGPTDPOConfig, HFGPTSFTConfig, run_dpo, run_sft
 
     torch.set_num_threads(args.threads)
     started = time.time()
     data_dir, output_dir = Path(args.data_dir), Path(args.output_dir)
-    instructions_train, instructions_held = split(read_jsonl(data_dir / "instructions.jsonl"))
-    preferences_train, preferences_held = split(read_jsonl(data_dir / "preferences.jsonl"))
+    instructions_train, instructions_held = split(read_rows(data_dir / "instructions.jsonl"))
+    preferences_train, preferences_held = split(read_rows(data_dir / "preferences.jsonl"))
     if args.quick:
         instructions_held, preferences_held = instructions_held[:8], preferences_held[:8]
     steps = {"max_steps": 3} if args.quick else {}

@@ -23,13 +23,14 @@ visible next to the timings.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from hfgpt.files import EVAL_RESULTS, LOG_HISTORY_JSON, TRAINING_SUMMARY, read_json, read_rows, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "sms_spam.tsv"
@@ -123,18 +124,14 @@ def run_step(name: str, argv: list[str], log_dir: Path, threads: int | None) -> 
     return step
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def write_pretraining_corpus(messages_file: Path, extra_files: list[str], path: Path) -> Path:
     """One plain-text corpus, a document per paragraph: the training messages, then each extra file's documents
     (.jsonl: a row's text fields joined by newlines; .txt: its paragraphs)."""
-    documents = [row["text"] for row in read_jsonl(messages_file)]
+    documents = [row["text"] for row in read_rows(messages_file)]
     for file in map(Path, extra_files):
         if file.suffix == ".jsonl":
             documents += ["\n".join(value for value in row.values() if isinstance(value, str) and value.strip())
-                          for row in read_jsonl(file)]
+                          for row in read_rows(file)]
         else:
             documents += file.read_text(encoding="utf-8").split("\n\n")
     # blank lines separate documents, so none may stay inside one
@@ -185,8 +182,8 @@ def classify(args, name: str, model_dir: Path, data_dir: Path, output_dir: Path,
         "--classifier_pooling", args.classifier_pooling,
         *(["--class_weights", args.class_weights] if args.class_weights != "none" else []), *extra,
     ], log_dir, args.threads)
-    results = json.loads((output_dir / "eval_results.json").read_text())["classification"]
-    summary = json.loads((output_dir / "training_summary.json").read_text())
+    results = read_json(output_dir / EVAL_RESULTS)["classification"]
+    summary = read_json(output_dir / TRAINING_SUMMARY)
     (true_ham, false_spam), (false_ham, true_spam) = results["confusion_matrix"]
     return {
         **step,
@@ -196,7 +193,7 @@ def classify(args, name: str, model_dir: Path, data_dir: Path, output_dir: Path,
         "linear_bytes": summary["memory"]["linear_bytes"], "linear_fp32_bytes": summary["memory"]["linear_fp32_bytes"],
         "peak_rss_bytes": summary["memory"]["peak_rss_bytes"],
         "per_epoch": [{key: entry[key] for key in ("epoch", "eval_accuracy", "eval_f1") if key in entry}
-                      for entry in json.loads((output_dir / "log_history.json").read_text())
+                      for entry in read_json(output_dir / LOG_HISTORY_JSON)
                       if "eval_accuracy" in entry],
     }
 
@@ -231,7 +228,7 @@ def main(argv=None) -> int:
     pretrained = Path(args.pretrained).resolve() if args.pretrained else output_dir / "pretrained"
     if not args.pretrained:
         results["pretrain"] = pretrain(args, data_dir, pretrained, log_dir)
-        summary = json.loads((pretrained / "training_summary.json").read_text())
+        summary = read_json(pretrained / TRAINING_SUMMARY)
         results["pretrain"]["eval_loss"] = summary["final_metrics"].get("eval_loss")
 
     runs = {}
@@ -251,7 +248,7 @@ def main(argv=None) -> int:
     results["runs"] = runs
     print_table(results, split)
     path = output_dir / "results.json"
-    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_json(path, results)
     print(f"\nSaved {path}")
     return 0
 

@@ -13,8 +13,11 @@ A model directory (the output of every training script, the input of every eval 
     generations.jsonl       SFT / DPO: answers to the held-out prompts, with their references
     preference_pairs.jsonl  DPO: each held-out preference pair with its implicit rewards
     predictions.jsonl       classification: each validation text with its label, prediction and class probabilities
+
+It also reads the data files users hand to the scripts (`read_rows`: JSON lines, JSON, CSV, TSV).
 """
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -67,6 +70,51 @@ def read_json(path: str | os.PathLike, default: Any = None) -> Any:
     if not path.exists():
         return default
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_rows(path: str | os.PathLike, columns: tuple[str, ...] = ()) -> list[dict]:
+    """Rows of a JSON-lines, CSV or TSV file as dicts (a `.json` file may also hold a list of objects).
+
+    Every name in `columns` must be present in every row; the error lists the columns that do exist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Data file {path} does not exist.")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        text = path.read_text(encoding="utf-8")
+        if suffix == ".json" and text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = []
+            for line_number, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise ValueError(f"{path}:{line_number} is not valid JSON: {error}") from None
+    elif suffix in (".csv", ".tsv"):
+        with path.open(encoding="utf-8", newline="") as handle:
+            # TSV has no quoting: a text starting with '"' must not swallow the lines after it
+            tsv = suffix == ".tsv"
+            rows = list(csv.DictReader(handle, delimiter="\t" if tsv else ",",
+                                       quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL))
+    else:
+        raise ValueError(
+            f"Unsupported data file {path}: use .jsonl, .json, .csv or .tsv (or .txt where plain text is accepted)."
+        )
+    if not rows:
+        raise ValueError(f"Data file {path} holds no rows.")
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: row {index} is {type(row).__name__}, expected an object with named fields.")
+        missing = [column for column in columns if column not in row]
+        if missing:
+            raise ValueError(
+                f"{path}: row {index} has no column {', '.join(map(repr, missing))}; its columns are "
+                f"{', '.join(map(repr, row))}. Pick the right ones with the --*_column arguments."
+            )
+    return rows
 
 
 def update_eval_results(model_dir: str | os.PathLike, name: str, results: dict) -> Path:

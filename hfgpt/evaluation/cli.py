@@ -135,7 +135,7 @@ def read_texts(path: str, text_column: str = "text") -> list[str]:
         if not Path(path).is_file():
             raise FileNotFoundError(f"Data file {path} does not exist.")
         return [Path(path).read_text(encoding="utf-8")]
-    from .loading import read_rows
+    from ..files import read_rows
 
     return [str(row[text_column]) for row in read_rows(path, columns=(text_column,))]
 
@@ -252,7 +252,7 @@ def rouge_main(argv: list[str] | None = None) -> int:
     import evaluate
 
     from . import metric_path
-    from .loading import read_rows
+    from ..files import read_rows
 
     args, parser = _parse(RougeArguments, argv, "hfgpt eval rouge")
     if bool(args.predictions_file) == bool(args.prompts_file):
@@ -323,7 +323,7 @@ def classification_main(argv: list[str] | None = None) -> int:
 
     from ..data.labels import encode_labels
     from . import metric_path
-    from .loading import read_rows
+    from ..files import read_rows
     from .perplexity import model_context_length
 
     args, parser = _parse(ClassificationArguments, argv, "hfgpt eval classification")

@@ -1,7 +1,5 @@
-"""Loading what an evaluation needs: a model and its tokenizer (with clear errors), and rows from a data file."""
+"""Loading what an evaluation needs: a model and its tokenizer, with clear errors (data files: `hfgpt.files`)."""
 
-import csv
-import json
 import os
 from pathlib import Path
 
@@ -54,48 +52,3 @@ def load_model(name_or_path: str | os.PathLike, auto_class=None, device=None, dt
         kwargs["dtype"] = dtype
     model = auto_class.from_pretrained(name_or_path, **kwargs)
     return model.to(resolve_device(device)).eval()
-
-
-def read_rows(path: str | os.PathLike, columns: tuple[str, ...] = ()) -> list[dict]:
-    """Rows of a JSON-lines, CSV or TSV file as dicts (a `.json` file may also hold a list of objects).
-
-    Every name in `columns` must be present in every row; the error lists the columns that do exist.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Data file {path} does not exist.")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8")
-        if suffix == ".json" and text.lstrip().startswith("["):
-            rows = json.loads(text)
-        else:
-            rows = []
-            for line_number, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise ValueError(f"{path}:{line_number} is not valid JSON: {error}") from None
-    elif suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as handle:
-            # TSV has no quoting: a text starting with '"' must not swallow the lines after it
-            tsv = suffix == ".tsv"
-            rows = list(csv.DictReader(handle, delimiter="\t" if tsv else ",",
-                                       quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL))
-    else:
-        raise ValueError(
-            f"Unsupported data file {path}: use .jsonl, .json, .csv or .tsv (or .txt where plain text is accepted)."
-        )
-    if not rows:
-        raise ValueError(f"Data file {path} holds no rows.")
-    for index, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}: row {index} is {type(row).__name__}, expected an object with named fields.")
-        missing = [column for column in columns if column not in row]
-        if missing:
-            raise ValueError(
-                f"{path}: row {index} has no column {', '.join(map(repr, missing))}; its columns are "
-                f"{', '.join(map(repr, row))}. Pick the right ones with the --*_column arguments."
-            )
-    return rows

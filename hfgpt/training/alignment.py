@@ -275,7 +275,7 @@ def load_rows(script_args: AlignmentArguments):
 
 
 def read_prompt_rows(path: str | os.PathLike) -> list[dict]:
-    from ..evaluation.loading import read_rows
+    from ..files import read_rows
 
     return read_rows(path)
 
