@@ -286,6 +286,14 @@ def test_preference_row_without_rejected_is_a_clear_error(tmp_path, tiny_tokeniz
         run_dpo(fresh_model(tiny_tokenizer), rows, config(HFGPTDPOConfig, tmp_path), tokenizer=tiny_tokenizer)
 
 
+def test_label_smoothing_a_loss_ignores_is_a_clear_error(tmp_path):
+    # TRL's sigmoid loss does not read label_smoothing: asking for it must not silently train plain DPO
+    with pytest.raises(ValueError, match="label_smoothing=0.1 has no effect with loss_type \\['sigmoid'\\]"):
+        HFGPTDPOConfig(str(tmp_path), label_smoothing=0.1, report_to="none")
+    assert HFGPTDPOConfig(str(tmp_path), label_smoothing=0.1, loss_type=["robust", "sft"],
+                          report_to="none").label_smoothing == 0.1
+
+
 def test_tokenizer_without_chat_template_is_a_clear_error(tmp_path, tiny_tokenizer):
     tokenizer = copy.deepcopy(tiny_tokenizer)
     tokenizer.chat_template = None

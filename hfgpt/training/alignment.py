@@ -84,14 +84,24 @@ class HFGPTSFTConfig(trl.SFTConfig):
         super().__post_init__()
 
 
+# the DPO losses whose formula reads label_smoothing in TRL; the others (sigmoid among them) ignore it
+LABEL_SMOOTHING_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
+
+
 @dataclass
 class HFGPTDPOConfig(trl.DPOConfig):
-    """TRL's `DPOConfig` with bf16 only where the hardware supports it."""
+    """TRL's `DPOConfig` with bf16 only where the hardware supports it, and no silently ignored label smoothing."""
 
     def __post_init__(self):
         if self.bf16 is None and not self.fp16:
             self.bf16 = default_bf16()
         super().__post_init__()
+        if self.label_smoothing and not set(self.loss_type) & set(LABEL_SMOOTHING_LOSSES):
+            raise ValueError(
+                f"label_smoothing={self.label_smoothing} has no effect with loss_type {self.loss_type}: TRL applies it "
+                f"only in the {', '.join(LABEL_SMOOTHING_LOSSES)} losses. For DPO that allows for mislabelled pairs use "
+                f"--loss_type robust, or set --label_smoothing 0."
+            )
 
 
 class SFTTrainer(MatrixWeightDecayMixin, trl.SFTTrainer):
