@@ -11,8 +11,9 @@ each file is held out; nothing held out is used for training at any stage.
    greedy decoding) against the reference outputs: "before SFT".
 3. SFT (hfgpt.training.alignment.run_sft) on the 900 training rows, assistant-only loss: ROUGE-L "after SFT".
 4. DPO (run_dpo) from the SFT model on the 900 training pairs, reference = a frozen copy of the SFT model, loss
-   DPO's sigmoid + the chosen answer's NLL (TRL loss_type ["sigmoid", "sft"], as in RPO; `--loss_type sigmoid` for
-   plain DPO, which generalised less well here, see the README): the
+   DPO's hinge form (SLiC's) + the chosen answer's NLL (TRL loss_type ["hinge", "sft"], chosen over the RPO-style
+   ["sigmoid", "sft"] on a development split of the training pairs, see the README; `--loss_type sigmoid` for plain
+   DPO): the
    held-out reward accuracy and margin on the 100 held-out pairs, and ROUGE-L "after DPO" on the same 100 held-out
    instructions (references: instructions.jsonl's outputs, as before).
 
@@ -92,8 +93,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sft_learning_rate", type=float, default=1e-3)
     parser.add_argument("--dpo_learning_rate", type=float, default=2e-4)
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--loss_type", nargs="+", default=["sigmoid", "sft"],
-                        help="DPO loss(es); 'sigmoid sft' adds the NLL of the chosen answer to the DPO loss (RPO).")
+    parser.add_argument("--loss_type", nargs="+", default=["hinge", "sft"],
+                        help="DPO loss(es), summed; 'sft' adds the NLL of the chosen answer ('sigmoid sft': RPO).")
     parser.add_argument("--threads", type=int, default=1,
                         help="Torch threads. 1 by default: with other processes on the cores, a second thread made "
                              "this small model's steps slower here (each op waits for both threads).")
