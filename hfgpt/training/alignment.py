@@ -284,12 +284,6 @@ def load_rows(script_args: AlignmentArguments):
     )
 
 
-def read_prompt_rows(path: str | os.PathLike) -> list[dict]:
-    from ..files import read_rows
-
-    return read_rows(path)
-
-
 def held_out_prompts(rows, source: str | None = None, limit: int | None = None) -> tuple[list[list[dict]], list[str]]:
     """(prompts, references) of instruction or preference rows, through `hfgpt.data.chat.prompt_and_reference`."""
     rows = list(rows)[:limit] if limit is not None else list(rows)
@@ -741,7 +735,7 @@ def _script_inputs(script_args: AlignmentArguments):
                        f"{script_args.validation_split_percentage:g}% of the training rows" if held_out else None),
         "eval_prompts": script_args.eval_prompts_file,
     }
-    eval_prompts = read_prompt_rows(script_args.eval_prompts_file) if script_args.eval_prompts_file else None
+    eval_prompts = files.read_rows(script_args.eval_prompts_file) if script_args.eval_prompts_file else None
     if eval_prompts is None and held_out is not None:
         data_source["eval_prompts"] = data_source["validation"]
     generation = GenerationSettings(script_args.max_eval_prompts, script_args.max_new_tokens,
