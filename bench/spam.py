@@ -57,9 +57,9 @@ def parse_args(argv=None):
     parser.add_argument("--pretrain_learning_rate", type=float, default=2e-3)
     parser.add_argument("--pretrain_batch_size", type=int, default=16)
     parser.add_argument("--pretrain_extra_files", nargs="*", default=[],
-                        help="More text to pretrain on beside the training messages (never the held-out ones): .txt "
-                             "files (a paragraph is a document) or .jsonl files (a row's text fields, joined, are a "
-                             "document), e.g. ../shared/data/tinyshakespeare.txt ../shared/data/instructions.jsonl.")
+                        help="More text to pretrain on beside the training messages (never the held-out ones): row "
+                             "files, .jsonl/.json/.csv/.tsv (a row's text fields, joined, are a document), or plain "
+                             "text (a paragraph is a document), e.g. ../shared/data/tinyshakespeare.txt ../shared/data/instructions.jsonl.")
     # fine-tuning
     parser.add_argument("--epochs", type=float, default=4.0, help="Full fine-tuning (and the baseline).")
     parser.add_argument("--lora_epochs", type=float, default=10.0,
@@ -97,6 +97,16 @@ def split_data(path: str, heldout_percentage: float, data_dir: Path) -> dict:
     return {name: {"rows": len(part), "spam": part["label"].count("spam")} for name, part in splits.items()}
 
 
+ROW_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+
+
+def step_output(path: Path):
+    """A JSON file a step must have written (read_json alone would return None for a missing one)."""
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: the step before exited 0 without writing it; see its log.")
+    return read_json(path)
+
+
 def run_step(name: str, argv: list[str], log_dir: Path, threads: int | None) -> dict:
     """Run `python -m hfgpt.cli ...` and time it: wall time, CPU time of the process, load average."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
@@ -126,10 +136,10 @@ def run_step(name: str, argv: list[str], log_dir: Path, threads: int | None) -> 
 
 def write_pretraining_corpus(messages_file: Path, extra_files: list[str], path: Path) -> Path:
     """One plain-text corpus, a document per paragraph: the training messages, then each extra file's documents
-    (.jsonl: a row's text fields joined by newlines; .txt: its paragraphs)."""
+    (a row file, .jsonl/.json/.csv/.tsv: a row's text fields joined by newlines; anything else: its paragraphs)."""
     documents = [row["text"] for row in read_rows(messages_file)]
     for file in map(Path, extra_files):
-        if file.suffix == ".jsonl":
+        if file.suffix.lower() in ROW_FILE_SUFFIXES:
             documents += ["\n".join(value for value in row.values() if isinstance(value, str) and value.strip())
                           for row in read_rows(file)]
         else:
@@ -182,8 +192,8 @@ def classify(args, name: str, model_dir: Path, data_dir: Path, output_dir: Path,
         "--classifier_pooling", args.classifier_pooling,
         *(["--class_weights", args.class_weights] if args.class_weights != "none" else []), *extra,
     ], log_dir, args.threads)
-    results = read_json(output_dir / EVAL_RESULTS)["classification"]
-    summary = read_json(output_dir / TRAINING_SUMMARY)
+    results = step_output(output_dir / EVAL_RESULTS)["classification"]
+    summary = step_output(output_dir / TRAINING_SUMMARY)
     (true_ham, false_spam), (false_ham, true_spam) = results["confusion_matrix"]
     return {
         **step,
@@ -193,7 +203,7 @@ def classify(args, name: str, model_dir: Path, data_dir: Path, output_dir: Path,
         "linear_bytes": summary["memory"]["linear_bytes"], "linear_fp32_bytes": summary["memory"]["linear_fp32_bytes"],
         "peak_rss_bytes": summary["memory"]["peak_rss_bytes"],
         "per_epoch": [{key: entry[key] for key in ("epoch", "eval_accuracy", "eval_f1") if key in entry}
-                      for entry in read_json(output_dir / LOG_HISTORY_JSON)
+                      for entry in step_output(output_dir / LOG_HISTORY_JSON)
                       if "eval_accuracy" in entry],
     }
 
@@ -228,7 +238,7 @@ def main(argv=None) -> int:
     pretrained = Path(args.pretrained).resolve() if args.pretrained else output_dir / "pretrained"
     if not args.pretrained:
         results["pretrain"] = pretrain(args, data_dir, pretrained, log_dir)
-        summary = read_json(pretrained / TRAINING_SUMMARY)
+        summary = step_output(pretrained / TRAINING_SUMMARY)
         results["pretrain"]["eval_loss"] = summary["final_metrics"].get("eval_loss")
 
     runs = {}
