@@ -30,7 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-from hfgpt.files import EVAL_RESULTS, LOG_HISTORY_JSON, TRAINING_SUMMARY, read_json, read_rows, write_json
+from hfgpt.files import (EVAL_RESULTS, LOG_HISTORY_JSON, ROW_FILE_SUFFIXES, TRAINING_SUMMARY, read_json, read_rows,
+                         write_json)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "sms_spam.tsv"
@@ -59,7 +60,8 @@ def parse_args(argv=None):
     parser.add_argument("--pretrain_extra_files", nargs="*", default=[],
                         help="More text to pretrain on beside the training messages (never the held-out ones): row "
                              "files, .jsonl/.json/.csv/.tsv (a row's text fields, joined, are a document), or plain "
-                             "text (a paragraph is a document), e.g. ../shared/data/tinyshakespeare.txt ../shared/data/instructions.jsonl.")
+                             "text (a paragraph is a document), e.g. ../shared/data/tinyshakespeare.txt "
+                             "../shared/data/instructions.jsonl.")
     # fine-tuning
     parser.add_argument("--epochs", type=float, default=4.0, help="Full fine-tuning (and the baseline).")
     parser.add_argument("--lora_epochs", type=float, default=10.0,
@@ -95,9 +97,6 @@ def split_data(path: str, heldout_percentage: float, data_dir: Path) -> dict:
     for name, part in splits.items():
         part.to_json(data_dir / f"{name}.jsonl", lines=True)
     return {name: {"rows": len(part), "spam": part["label"].count("spam")} for name, part in splits.items()}
-
-
-ROW_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 
 
 def step_output(path: Path):

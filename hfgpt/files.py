@@ -72,6 +72,10 @@ def read_json(path: str | os.PathLike, default: Any = None) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+# the file suffixes read_rows reads as rows (JSON lines or a JSON list, CSV, TSV)
+ROW_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+
+
 def read_rows(path: str | os.PathLike, columns: tuple[str, ...] = ()) -> list[dict]:
     """Rows of a JSON-lines, CSV or TSV file as dicts (a `.json` file may also hold a list of objects).
 
@@ -81,6 +85,10 @@ def read_rows(path: str | os.PathLike, columns: tuple[str, ...] = ()) -> list[di
     if not path.is_file():
         raise FileNotFoundError(f"Data file {path} does not exist.")
     suffix = path.suffix.lower()
+    if suffix not in ROW_FILE_SUFFIXES:
+        raise ValueError(
+            f"Unsupported data file {path}: use .jsonl, .json, .csv or .tsv (or .txt where plain text is accepted)."
+        )
     if suffix in (".jsonl", ".json"):
         text = path.read_text(encoding="utf-8")
         if suffix == ".json" and text.lstrip().startswith("["):
@@ -93,16 +101,12 @@ def read_rows(path: str | os.PathLike, columns: tuple[str, ...] = ()) -> list[di
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as error:
                         raise ValueError(f"{path}:{line_number} is not valid JSON: {error}") from None
-    elif suffix in (".csv", ".tsv"):
+    else:
         with path.open(encoding="utf-8", newline="") as handle:
             # TSV has no quoting: a text starting with '"' must not swallow the lines after it
             tsv = suffix == ".tsv"
             rows = list(csv.DictReader(handle, delimiter="\t" if tsv else ",",
                                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL))
-    else:
-        raise ValueError(
-            f"Unsupported data file {path}: use .jsonl, .json, .csv or .tsv (or .txt where plain text is accepted)."
-        )
     if not rows:
         raise ValueError(f"Data file {path} holds no rows.")
     for index, row in enumerate(rows):
