@@ -14,7 +14,11 @@ Steps (each a separate `hfgpt` process, so its wall time and peak memory are its
 3. Fine-tune (`hfgpt classify`) on the labelled training messages: the pretrained model in full, LoRA and QLoRA
    modes, and the same architecture from random weights ("from nothing", full fine-tuning with the same settings).
    The head reads the last token's state (`--classifier_pooling mean`: the mean of the message's token states).
+   With `--soup K` (default 3), each mode trains K runs from the same start with seeds seed .. seed+K-1 (two at a
+   time with `--jobs 2`) and `hfgpt average` averages their weights into one model, a model soup; the table shows
+   the soup and every run in it. `--soup 1`: one run per mode, no averaging.
 4. Print held-out accuracy, spam precision / recall / F1, wall time and CPU time per step, and save it all as JSON.
+   A mode's wall time is that of all its runs and the averaging (what the 15-minute budget is about).
 
 The machine may be shared: the table gives each step's CPU time / wall time and the load average, so contention is
 visible next to the timings.
@@ -24,10 +28,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from hfgpt.files import (EVAL_RESULTS, LOG_HISTORY_JSON, ROW_FILE_SUFFIXES, TRAINING_SUMMARY, read_json, read_rows,
@@ -79,7 +83,14 @@ def parse_args(argv=None):
                         help="Passed to hfgpt classify for every run: 'balanced' weighs the loss by inverse class "
                              "frequency (13%% of the messages are spam); 'none' for the plain loss.")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--soup", type=int, default=3,
+                        help="Runs per mode (seeds seed .. seed+K-1) whose weights are averaged into the scored model; "
+                             "1: a single run, no averaging.")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="Runs of one mode trained at the same time (each with --threads threads).")
     args = parser.parse_args(argv)
+    if args.soup < 1 or args.jobs < 1:
+        parser.error("--soup and --jobs must be at least 1.")
     args.modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     unknown = sorted(set(args.modes) - set(MODES))
     if unknown:
@@ -107,29 +118,30 @@ def step_output(path: Path):
 
 
 def run_step(name: str, argv: list[str], log_dir: Path, threads: int | None) -> dict:
-    """Run `python -m hfgpt.cli ...` and time it: wall time, CPU time of the process, load average."""
+    """Run `python -m hfgpt.cli ...` and time it: wall time, CPU time of that process, load average. Safe to call
+    from several threads at once (each step's CPU time is its own process's)."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{name}.log"
     print(f"\n== {name}: hfgpt {' '.join(argv)}\n   (log: {log})", flush=True)
-    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     load_before = os.getloadavg()[0]
     started = time.time()
     with open(log, "w", encoding="utf-8") as handle:
-        result = subprocess.run([sys.executable, "-m", "hfgpt.cli", *argv], stdout=handle, stderr=subprocess.STDOUT,
-                                env=env, cwd=REPO)
+        process = subprocess.Popen([sys.executable, "-m", "hfgpt.cli", *argv], stdout=handle,
+                                   stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
     wall = time.time() - started
-    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
-    if result.returncode != 0:
+    cpu = usage.ru_utime + usage.ru_stime
+    if process.returncode != 0:
         tail = "".join(log.read_text(encoding="utf-8").splitlines(keepends=True)[-30:])
-        raise SystemExit(f"{name} failed (exit {result.returncode}); the end of {log}:\n{tail}")
+        raise SystemExit(f"{name} failed (exit {process.returncode}); the end of {log}:\n{tail}")
     step = {"wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "cpu_per_wall": round(cpu / wall, 2),
             "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2)}
-    print(f"   done in {wall / 60:.1f} min (CPU {cpu / 60:.1f} min, {cpu / wall:.2f} cores busy on average; load "
-          f"average {step['load_average_before']} -> {step['load_average_after']})", flush=True)
+    print(f"   {name} done in {wall / 60:.1f} min (CPU {cpu / 60:.1f} min, {cpu / wall:.2f} cores busy on average; "
+          f"load average {step['load_average_before']} -> {step['load_average_after']})", flush=True)
     return step
 
 
@@ -181,23 +193,19 @@ def random_init_copy(pretrained: Path, target: Path, seed: int) -> None:
 
 
 def classify(args, name: str, model_dir: Path, data_dir: Path, output_dir: Path, log_dir: Path,
-             extra: list[str], epochs: float) -> dict:
+             extra: list[str], epochs: float, seed: int) -> dict:
     step = run_step(name, [
         "classify", "--model_name_or_path", str(model_dir), "--train_file", str(data_dir / "train.jsonl"),
         "--validation_file", str(data_dir / "heldout.jsonl"), "--class_names", "ham,spam",
         "--num_train_epochs", str(epochs), "--per_device_train_batch_size", str(args.batch_size),
         "--output_dir", str(output_dir), "--overwrite_output_dir", "--save_strategy", "no", "--report_to", "none",
-        "--seed", str(args.seed), "--disable_tqdm", "true", "--logging_steps", "20",
+        "--seed", str(seed), "--disable_tqdm", "true", "--logging_steps", "20",
         "--classifier_pooling", args.classifier_pooling,
         *(["--class_weights", args.class_weights] if args.class_weights != "none" else []), *extra,
     ], log_dir, args.threads)
-    results = step_output(output_dir / EVAL_RESULTS)["classification"]
     summary = step_output(output_dir / TRAINING_SUMMARY)
-    (true_ham, false_spam), (false_ham, true_spam) = results["confusion_matrix"]
     return {
-        **step,
-        "accuracy": results["accuracy"], "spam_precision": results["precision"], "spam_recall": results["recall"],
-        "spam_f1": results["f1"], "errors": false_spam + false_ham, "false_spam": false_spam, "missed_spam": false_ham,
+        **step, **scores(output_dir), "seed": seed,
         "trainable_parameters": summary["parameters"]["trainable"], "total_parameters": summary["parameters"]["total"],
         "linear_bytes": summary["memory"]["linear_bytes"], "linear_fp32_bytes": summary["memory"]["linear_fp32_bytes"],
         "peak_rss_bytes": summary["memory"]["peak_rss_bytes"],
@@ -207,6 +215,49 @@ def classify(args, name: str, model_dir: Path, data_dir: Path, output_dir: Path,
     }
 
 
+def scores(model_dir: Path) -> dict:
+    """Held-out accuracy, spam precision / recall / F1 and error counts from a model directory's eval_results.json."""
+    results = step_output(model_dir / EVAL_RESULTS)["classification"]
+    (true_ham, false_spam), (false_ham, true_spam) = results["confusion_matrix"]
+    return {"accuracy": results["accuracy"], "spam_precision": results["precision"], "spam_recall": results["recall"],
+            "spam_f1": results["f1"], "errors": false_spam + false_ham, "false_spam": false_spam,
+            "missed_spam": false_ham}
+
+
+def classify_soup(args, name: str, model_dir: Path, data_dir: Path, output_dir: Path, log_dir: Path,
+                  extra: list[str], epochs: float) -> tuple[dict, dict]:
+    """`args.soup` runs of one mode from `model_dir` (seeds seed, seed+1, ...; `args.jobs` at a time), then their
+    weight average scored on the held-out messages. Returns (the soup's row, the runs' rows)."""
+    seeds = [args.seed + index for index in range(args.soup)]
+    started = time.time()
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {seed: pool.submit(classify, args, f"{name}-seed{seed}" if args.soup > 1 else name, model_dir,
+                                     data_dir, output_dir / f"seed{seed}" if args.soup > 1 else output_dir, log_dir,
+                                     extra, epochs, seed)
+                   for seed in seeds}
+        runs = {seed: future.result() for seed, future in futures.items()}
+    if args.soup == 1:
+        return runs[seeds[0]], {}
+    soup_dir = output_dir / "soup"
+    average = run_step(f"{name}-average", [
+        "average", "--model_dirs", *(str(output_dir / f"seed{seed}") for seed in seeds),
+        "--output_dir", str(soup_dir), "--overwrite_output_dir"], log_dir, args.threads)
+    evaluation = run_step(f"{name}-soup-eval", [
+        "eval", "classification", "--model_name_or_path", str(soup_dir), "--file", str(data_dir / "heldout.jsonl"),
+        "--text_column", "text", "--label_column", "label", "--average", "binary"], log_dir, args.threads)
+    wall = time.time() - started
+    cpu = sum(run["cpu_seconds"] for run in runs.values()) + average["cpu_seconds"] + evaluation["cpu_seconds"]
+    first = runs[seeds[0]]
+    soup = {
+        **scores(soup_dir), "seeds": seeds, "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
+        "cpu_per_wall": round(cpu / wall, 2),
+        **{key: first[key] for key in ("trainable_parameters", "total_parameters", "linear_bytes",
+                                       "linear_fp32_bytes")},
+        "peak_rss_bytes": max(run["peak_rss_bytes"] for run in runs.values()),
+    }
+    return soup, {f"seed {seed}": run for seed, run in runs.items()}
+
+
 def print_table(results: dict, split: dict) -> None:
     heldout = split["heldout"]
     print(f"\nHeld-out messages: {heldout['rows']} ({heldout['spam']} spam); training messages: "
@@ -214,7 +265,11 @@ def print_table(results: dict, split: dict) -> None:
     header = (f"{'run':<22} {'accuracy':>8} {'spam P':>7} {'spam R':>7} {'spam F1':>7} {'errors':>6} "
               f"{'trained params':>15} {'linear MiB':>10} {'peak RSS':>9} {'wall':>7} {'CPU/wall':>8}")
     print(header + "\n" + "-" * len(header))
+    rows = []
     for name, row in results["runs"].items():
+        rows.append((name, row))
+        rows += [(f"  {member}", member_row) for member, member_row in results["soup_members"].get(name, {}).items()]
+    for name, row in rows:
         print(f"{name:<22} {row['accuracy']:>8.2%} {row['spam_precision']:>7.3f} {row['spam_recall']:>7.3f} "
               f"{row['spam_f1']:>7.3f} {row['errors']:>6} {row['trainable_parameters']:>15,} "
               f"{row['linear_bytes'] / 2**20:>10.2f} {row['peak_rss_bytes'] / 2**20:>7.0f}Mi "
@@ -223,6 +278,9 @@ def print_table(results: dict, split: dict) -> None:
         row = results["pretrain"]
         print(f"{'pretraining':<22} {'':>8} {'':>7} {'':>7} {'':>7} {'':>6} {'':>15} {'':>10} {'':>9} "
               f"{row['wall_seconds'] / 60:>5.1f}m {row['cpu_per_wall']:>8.2f}")
+    if results["soup_members"]:
+        print("\nEach mode's first row is the weight average (model soup) of the runs indented below it; its wall and "
+              "CPU time cover all of them and the averaging.")
     print("\nwall: wall-clock time of the whole step (loading, tokenizing, training, evaluating, saving); CPU/wall: "
           "cores busy on average (2 = both cores to itself).")
 
@@ -240,20 +298,23 @@ def main(argv=None) -> int:
         summary = step_output(pretrained / TRAINING_SUMMARY)
         results["pretrain"]["eval_loss"] = summary["final_metrics"].get("eval_loss")
 
-    runs = {}
+    runs, members = {}, {}
     if not args.skip_baseline:
         baseline_dir = output_dir / "from_nothing_init"
         random_init_copy(pretrained, baseline_dir, args.seed)
-        runs["from nothing (full)"] = classify(args, "from_nothing", baseline_dir, data_dir,
-                                               output_dir / "from_nothing", log_dir,
-                                               ["--learning_rate", str(args.learning_rate)], args.epochs)
+        name = "from nothing (full)"
+        runs[name], members[name] = classify_soup(args, "from_nothing", baseline_dir, data_dir,
+                                                  output_dir / "from_nothing", log_dir,
+                                                  ["--learning_rate", str(args.learning_rate)], args.epochs)
     lora = ["--lora_r", str(args.lora_r), "--lora_alpha", str(args.lora_alpha)]
     extra = {"full": ["--learning_rate", str(args.learning_rate)],
              "lora": ["--lora", *lora, "--learning_rate", str(args.lora_learning_rate)],
              "qlora": ["--qlora", *lora, "--learning_rate", str(args.lora_learning_rate)]}
     for mode in args.modes:
-        runs[f"pretrained + {mode}"] = classify(args, mode, pretrained, data_dir, output_dir / mode, log_dir,
-                                                extra[mode], args.epochs if mode == "full" else args.lora_epochs)
+        name = f"pretrained + {mode}"
+        runs[name], members[name] = classify_soup(args, mode, pretrained, data_dir, output_dir / mode, log_dir,
+                                                  extra[mode], args.epochs if mode == "full" else args.lora_epochs)
+    results["soup_members"] = {name: rows for name, rows in members.items() if rows}
     results["runs"] = runs
     print_table(results, split)
     path = output_dir / "results.json"

@@ -9,6 +9,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("hfgpt.training.alignment", "sft_main", "instruction-tune a causal LM with TRL's SFTTrainer (assistant-only loss; --lora/--qlora)"),
     "dpo": ("hfgpt.training.alignment", "dpo_main", "align a causal LM to preference pairs with TRL's DPOTrainer (--beta, --loss_type; --lora/--qlora)"),
     "classify": ("hfgpt.training.classification", "main", "fine-tune a sequence classifier (full, last N blocks, --lora or --qlora)"),
+    "average": ("hfgpt.training.averaging", "main", "average the weights of models fine-tuned from one start (a model soup)"),
     "eval": ("hfgpt.evaluation.cli", "main", "evaluate a model: perplexity | rouge | classification; results go to eval_results.json"),
     "card": ("hfgpt.cards", "main", "write the model card (README.md) of a model directory"),
     "push": ("hfgpt.hub", "main", "upload a model directory (weights, code, tokenizer, card) to the Hugging Face Hub"),
