@@ -2,9 +2,10 @@
 fine-tuned models improves accuracy without increasing inference time").
 
 Models fine-tuned from the same starting weights (with other seeds, data orders or hyper-parameters) usually lie in
-one basin of the loss, so the mean of their weights is about as good as the best of them, and much steadier than
-any single run, at the cost of one model. Models trained from different random initialisations do not share a
-basin: averaging them gives noise. `average_models` / `hfgpt average`:
+one basin of the loss, so the mean of their weights is itself a good model: a typical run rather than a lucky or an
+unlucky one (on the small benchmarks here it scored near the runs' mean), at the inference cost of one model.
+Models trained from different random initialisations do not share a basin: averaging them gives noise.
+`average_models` / `hfgpt average`:
 
     hfgpt average --model_dirs out/spam-s1 out/spam-s2 out/spam-s3 --output_dir out/spam-soup
 """
