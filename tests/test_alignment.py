@@ -242,6 +242,22 @@ def test_dpo_learns_the_preferences_pair_by_pair(tmp_path, tiny_tokenizer, lora)
     assert metrics["reward_chosen"] == pytest.approx(trl_metrics["eval_rewards/chosen"], rel=1e-4)
 
 
+def test_token_rewards_add_up_to_each_answers_reward(tmp_path, tiny_tokenizer):
+    from hfgpt.training.alignment import preference_pairs, token_rewards
+
+    rows = preference_rows(4)
+    run = build_dpo_trainer(fresh_model(tiny_tokenizer), rows, config(HFGPTDPOConfig, tmp_path, max_steps=6),
+                            tokenizer=tiny_tokenizer, eval_dataset=rows)
+    run.trainer.train()
+    pairs = preference_pairs(run.trainer)
+    for row, pair in zip(rows, pairs):
+        rewards = token_rewards(run.trainer.model, run.trainer.ref_model, tiny_tokenizer, row, run.trainer.args.beta)
+        assert "".join(token for token, _ in rewards["rejected"]) == "No." + tiny_tokenizer.eos_token
+        for kind in ("chosen", "rejected"):
+            assert sum(reward for _, reward in rewards[kind]) == pytest.approx(pair[f"reward_{kind}"], abs=1e-4)
+        assert any(abs(reward) > 1e-3 for _, reward in rewards["chosen"])  # trained: the policy moved
+
+
 # --- the command line -------------------------------------------------------------------------------------------------
 
 

@@ -423,6 +423,41 @@ def preference_metrics(trainer, pairs: list[dict] | None = None) -> dict:
     }
 
 
+def token_rewards(model, ref_model, tokenizer, row: dict, beta: float = 0.1) -> dict[str, list[tuple[str, float]]]:
+    """Where a preference pair's implicit rewards come from, token by token: for each token of the chosen and of the
+    rejected answer, beta * (log pi(token | prompt, answer so far) - log pi_ref(the same)), the answers rendered with
+    the chat template as DPO renders them. Each answer's tokens sum to its reward in preference_pairs.jsonl (plain
+    DPO weighting, no `ld_alpha`). The tokens show what the policy learned to like and dislike beyond the one
+    margin: a rude word's negative reward can be outweighed by formatting the policy learned to favour (README).
+
+        rewards = token_rewards(policy, reference, tokenizer, {"instruction": ..., "chosen": ..., "rejected": ...})
+        [(token, round(reward, 2)) for token, reward in rewards["rejected"]]
+
+    `row`: a preference row in any shape `hfgpt.data.chat` reads; `model` / `ref_model`: the policy and the
+    reference (for a LoRA policy, its merged model and the model it started from)."""
+    import torch
+
+    example = chat.preference_example(row)
+    prompt = list(tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"])
+    result = {}
+    for kind in ("chosen", "rejected"):
+        # the chat template closes an assistant turn with the EOS token, inside the part DPO scores
+        answer = tokenizer(example[kind][-1]["content"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        log_ratio = 0.0
+        for network, sign in ((model, 1.0), (ref_model, -1.0)):
+            was_training = network.training
+            network.eval()
+            ids = torch.tensor([prompt + answer], device=next(network.parameters()).device)
+            with torch.no_grad():
+                log_probs = network(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+            network.train(was_training)
+            per_token = log_probs.gather(1, ids[0, 1:, None])[len(prompt) - 1:, 0].cpu()
+            log_ratio = log_ratio + sign * per_token
+        result[kind] = [(tokenizer.decode([token]), beta * float(value)) for token, value in zip(answer, log_ratio)]
+    return result
+
+
 # --- saving -----------------------------------------------------------------------------------------------------------
 
 
