@@ -97,6 +97,8 @@ def average_models(model_dirs: Sequence[str | os.PathLike], output_dir: str | os
 
 
 def save_soup(soup, model_dirs: Sequence[str | os.PathLike], output_dir: str | os.PathLike) -> Path:
+    """Save an averaged model as a complete model directory: the first ingredient's tokenizer, a training summary
+    naming every ingredient (the card lists them), and the card."""
     from ..evaluation.loading import load_tokenizer
     from ..hub import finish_model_dir
     from .common import write_training_summary
