@@ -232,19 +232,19 @@ def classify_soup(args, name: str, model_dir: Path, data_dir: Path, output_dir: 
                   extra: list[str], epochs: float) -> tuple[dict, dict]:
     """`args.soup` runs of one mode from `model_dir` (seeds seed, seed+1, ...; `args.jobs` at a time), then their
     weight average scored on the held-out messages. Returns (the soup's row, the runs' rows)."""
+    if args.soup == 1:
+        return classify(args, name, model_dir, data_dir, output_dir, log_dir, extra, epochs, args.seed), {}
     seeds = [args.seed + index for index in range(args.soup)]
+    run_dirs = {seed: output_dir / f"seed{seed}" for seed in seeds}
     started = time.time()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {seed: pool.submit(classify, args, f"{name}-seed{seed}" if args.soup > 1 else name, model_dir,
-                                     data_dir, output_dir / f"seed{seed}" if args.soup > 1 else output_dir, log_dir,
-                                     extra, epochs, seed)
+        futures = {seed: pool.submit(classify, args, f"{name}-seed{seed}", model_dir, data_dir, run_dirs[seed],
+                                     log_dir, extra, epochs, seed)
                    for seed in seeds}
         runs = {seed: future.result() for seed, future in futures.items()}
-    if args.soup == 1:
-        return runs[seeds[0]], {}
     soup_dir = output_dir / "soup"
     average = run_step(f"{name}-average", [
-        "average", "--model_dirs", *(str(output_dir / f"seed{seed}") for seed in seeds),
+        "average", "--model_dirs", *map(str, run_dirs.values()),
         "--output_dir", str(soup_dir), "--overwrite_output_dir"], log_dir, args.threads)
     evaluation = run_step(f"{name}-soup-eval", [
         "eval", "classification", "--model_name_or_path", str(soup_dir), "--file", str(data_dir / "heldout.jsonl"),

@@ -75,8 +75,9 @@ def average_models(model_dirs: Sequence[str | os.PathLike], output_dir: str | os
     configs = check_soup_ingredients(model_dirs)
     model_class = _model_class(configs[0], Path(model_dirs[0]))
     soup = model_class.from_pretrained(model_dirs[0], use_safetensors=True)
+    first = soup.state_dict()
     total = {name: tensor.detach().double().clone() if tensor.is_floating_point() else tensor
-             for name, tensor in soup.state_dict().items()}
+             for name, tensor in first.items()}
     for model_dir in model_dirs[1:]:
         state = model_class.from_pretrained(model_dir, use_safetensors=True).state_dict()
         for name, tensor in state.items():
@@ -88,9 +89,8 @@ def average_models(model_dirs: Sequence[str | os.PathLike], output_dir: str | os
             elif not torch.equal(tensor, total[name]):
                 raise ValueError(f"{model_dir}: {name} differs from {model_dirs[0]}'s and is not a weight that can "
                                  "be averaged.")
-    dtypes = {name: tensor.dtype for name, tensor in soup.state_dict().items()}
-    soup.load_state_dict({name: (tensor / len(model_dirs)).to(dtypes[name]) if tensor.is_floating_point() else tensor
-                          for name, tensor in total.items()})
+    soup.load_state_dict({name: (tensor / len(model_dirs)).to(first[name].dtype) if tensor.is_floating_point()
+                          else tensor for name, tensor in total.items()})
     if output_dir is not None:
         save_soup(soup, model_dirs, output_dir)
     return soup
