@@ -42,6 +42,7 @@ import trl
 from .. import files
 from ..data import chat
 from .common import (
+    end_distributed,
     LogHistoryCallback,
     MatrixWeightDecayMixin,
     check_output_dir,
@@ -804,7 +805,10 @@ def _command(prog: str, task: str, build, config_class, arguments_class, argv, *
     except (FileNotFoundError, ValueError) as error:  # bad input: a message, not a traceback
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 1
-    _report(train_and_finish(task, run, eval_prompts, generation, data_source, push_to_hub))
+    try:
+        _report(train_and_finish(task, run, eval_prompts, generation, data_source, push_to_hub))
+    finally:
+        end_distributed()
     return 0
 
 
