@@ -42,7 +42,6 @@ import trl
 from .. import files
 from ..data import chat
 from .common import (
-    end_distributed,
     LogHistoryCallback,
     MatrixWeightDecayMixin,
     check_output_dir,
@@ -805,10 +804,7 @@ def _command(prog: str, task: str, build, config_class, arguments_class, argv, *
     except (FileNotFoundError, ValueError) as error:  # bad input: a message, not a traceback
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 1
-    try:
-        _report(train_and_finish(task, run, eval_prompts, generation, data_source, push_to_hub))
-    finally:
-        end_distributed()
+    _report(train_and_finish(task, run, eval_prompts, generation, data_source, push_to_hub))
     return 0
 
 

@@ -44,7 +44,6 @@ from .. import files
 from ..data.labels import LABEL_ID_COLUMN, label_mappings, load_labelled_datasets
 from ..data.sources import TRAIN_SPLIT, VALIDATION_SPLIT, DataError, split_file_list
 from .common import (
-    end_distributed,
     LogHistoryCallback,
     MatrixWeightDecayMixin,
     check_mixed_precision,
@@ -522,10 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, FileNotFoundError, ValueError) as error:  # bad input: a message, not a traceback
         print(f"hfgpt classify: error: {error}", file=sys.stderr)
         return 1
-    try:
-        train_and_save(run)
-    finally:
-        end_distributed()
+    train_and_save(run)
     return 0
 
 

@@ -294,16 +294,6 @@ def check_distributed_setup(args) -> None:
         )
 
 
-def end_distributed() -> None:
-    """Tear the process group down when a script's work is done. Left to the interpreter's exit, gloo's threads can
-    abort a process that has already saved everything ("terminate called without an active exception", SIGABRT,
-    seen once in CI on a two-process run), and the launcher then reports the whole run as failed."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def warn_if_sharding_is_ignored(trainer) -> None:
     """FSDP and DeepSpeed need GPUs: on CPU processes accelerate falls back to plain DDP without a word. Say so."""
     requested = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
@@ -370,7 +360,6 @@ __all__ = [
     "checkpoint_dirs",
     "config_differences",
     "decay_parameter_names",
-    "end_distributed",
     "is_complete_checkpoint",
     "last_complete_checkpoint",
     "perplexity",

@@ -49,7 +49,6 @@ from ..data.default_corpus import default_corpus
 from ..data.sources import SAMPLE_BY, VALIDATION_SPLIT, DataError
 from ..hub import finish_model_dir
 from .common import (
-    end_distributed,
     LogHistoryCallback,
     MatrixWeightDecayMixin,
     check_distributed_setup,
@@ -432,10 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, FileNotFoundError, ValueError) as error:  # bad input: a message, not a traceback
         print(f"hfgpt pretrain: error: {error}", file=sys.stderr)
         return 1
-    try:
-        train_and_save(run)
-    finally:
-        end_distributed()
+    train_and_save(run)
     return 0
 
 
