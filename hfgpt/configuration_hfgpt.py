@@ -3,7 +3,19 @@
 This file imports only transformers, so that `save_pretrained` can ship it next to the weights as remote code.
 """
 
+import transformers
+from packaging import version
 from transformers import PreTrainedConfig
+
+# The oldest transformers whose APIs the modelling code uses (pyproject.toml pins the same). Checked here because this
+# file is the first one `trust_remote_code` imports: without the check, an older transformers fails on some import
+# deep in modeling_hfgpt.py with no word on what to do.
+MIN_TRANSFORMERS_VERSION = "5.24"
+if version.parse(transformers.__version__) < version.parse(MIN_TRANSFORMERS_VERSION):
+    raise ImportError(
+        f"hfgpt models need transformers >= {MIN_TRANSFORMERS_VERSION}, but transformers {transformers.__version__} "
+        f"is installed. Upgrade it: pip install -U 'transformers>={MIN_TRANSFORMERS_VERSION}'"
+    )
 
 POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal", "rope")
 NORM_TYPES = ("layernorm", "rmsnorm")

@@ -6,6 +6,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# transformers swaps in activation kernels from the Hub when a model lands on a GPU; tests download nothing
+os.environ.setdefault("USE_HUB_KERNELS", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

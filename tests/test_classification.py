@@ -156,7 +156,8 @@ def test_gradient_accumulation_matches_one_large_batch(weighted, tmp_path):
                                  train_sampling_strategy="sequential", save_strategy="no")
         loss = WeightedCrossEntropy(torch.tensor([1.0, 3.0])) if weighted else None
         Trainer(model=model, args=args, train_dataset=rows, compute_loss_func=loss).train()
-        updates.append(model.score.weight.detach() - reference.score.weight.detach())
+        # .cpu(): on a machine with a GPU, Trainer moved the model there
+        updates.append(model.score.weight.detach().cpu() - reference.score.weight.detach())
     assert updates[0].abs().max() > 0
     torch.testing.assert_close(updates[1], updates[0], atol=1e-5, rtol=1e-4)
 

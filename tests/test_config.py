@@ -89,3 +89,28 @@ def test_from_pretrained_overrides_are_validated(tmp_path):
 def test_every_preset_is_valid():
     for name in PRESETS:
         HFGPTConfig.from_preset(name)
+
+
+def test_an_older_transformers_gets_a_clear_error_naming_the_version_needed(monkeypatch):
+    # the config file is what trust_remote_code imports first, so its check guards the shipped modelling code too
+    import runpy
+
+    import transformers
+
+    import hfgpt.configuration_hfgpt as configuration
+
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(ImportError, match=r"transformers >= 5\.24.*5\.17\.0.*pip install -U"):
+        runpy.run_path(configuration.__file__)
+
+
+def test_the_transformers_floor_matches_the_package_pin():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from hfgpt.configuration_hfgpt import MIN_TRANSFORMERS_VERSION
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    pin = next(d for d in pyproject["project"]["dependencies"] if re.match(r"transformers\b", d))
+    assert f">={MIN_TRANSFORMERS_VERSION}" in pin, pin

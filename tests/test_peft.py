@@ -41,17 +41,18 @@ def _classifier(base_dir, peft_args):
                            **LABELS)
 
 
-def _batch(seed=1, rows=6, length=12):
+def _batch(seed=1, rows=6, length=12, device="cpu"):
+    """On `device`: with a GPU, bitsandbytes places a 4-bit model there."""
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(5, 512, (rows, length), generator=generator)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, -4:] = 0  # one right-padded row: the head must pool the last real token
     labels = torch.arange(rows) % 3
-    return input_ids, attention_mask, labels
+    return input_ids.to(device), attention_mask.to(device), labels.to(device)
 
 
 def _train(model, steps=8, lr=1e-2):
-    input_ids, attention_mask, labels = _batch()
+    input_ids, attention_mask, labels = _batch(device=model.device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     losses = []
@@ -65,9 +66,9 @@ def _train(model, steps=8, lr=1e-2):
 
 
 def _logits(model, seed=2):
-    input_ids, attention_mask, _ = _batch(seed)
+    input_ids, attention_mask, _ = _batch(seed, device=model.device)
     with torch.no_grad():
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits.cpu()
 
 
 def test_lora_merge_gives_the_adapter_models_logits_and_loads_without_peft(base_dir, tmp_path):
@@ -173,10 +174,10 @@ def test_qlora_gradients_are_the_same_after_an_evaluation(tmp_path, bias):
     base_dir = tmp_path / "base"
     HFGPTForCausalLM(HFGPTConfig.from_preset("tiny", bias=bias)).save_pretrained(base_dir)
     args = PeftArguments(qlora=True, lora_dropout=0.0)
-    input_ids, attention_mask, labels = _batch()
     gradients = []
     for evaluate_first in (False, True):
         model = add_lora(_classifier(base_dir, args), args, "SEQ_CLS")
+        input_ids, attention_mask, labels = _batch(device=model.device)
         if evaluate_first:
             _logits(model.eval())
         model.train()

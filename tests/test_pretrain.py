@@ -152,7 +152,7 @@ def free_port() -> int:
 
 def test_two_ddp_processes_follow_the_single_process_loss_trajectory(tmp_path, corpus_file, tokenizer_dir):
     """`accelerate launch` with train/accelerate/ddp.yaml, 2 CPU processes x 2 blocks = 1 process x 4 blocks."""
-    steps = ["--max_steps", "4"]
+    steps = ["--max_steps", "4", "--use_cpu", "true"]  # CPU processes over gloo, GPUs or not
     run_pretraining(*parse_args(tiny_run_args(tmp_path / "one", corpus_file, tokenizer_dir, *steps)))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "train" / "accelerate" / "ddp.yaml"), "--num_processes", "2", "--main_process_port",
