@@ -45,6 +45,7 @@ from .common import (
     LogHistoryCallback,
     MatrixWeightDecayMixin,
     check_output_dir,
+    end_distributed,
     resolve_resume_checkpoint,
     save_final_model,
     training_arguments_summary,
@@ -805,6 +806,7 @@ def _command(prog: str, task: str, build, config_class, arguments_class, argv, *
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 1
     _report(train_and_finish(task, run, eval_prompts, generation, data_source, push_to_hub))
+    end_distributed()
     return 0
 
 

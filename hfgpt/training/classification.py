@@ -48,6 +48,7 @@ from .common import (
     MatrixWeightDecayMixin,
     check_mixed_precision,
     check_output_dir,
+    end_distributed,
     resolve_resume_checkpoint,
     save_final_model,
     training_arguments_summary,
@@ -522,6 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hfgpt classify: error: {error}", file=sys.stderr)
         return 1
     train_and_save(run)
+    end_distributed()
     return 0
 
 

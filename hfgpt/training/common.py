@@ -294,6 +294,22 @@ def check_distributed_setup(args) -> None:
         )
 
 
+def end_distributed() -> None:
+    """After a script's last save: wait until every process is done, then tear the process group down.
+
+    Left to the interpreter's exit, gloo's threads can abort a process that has already saved everything
+    ("terminate called without an active exception", seen once in CI on a two-process run), and the launcher then
+    reports the whole run as failed. The barrier first, because a process that destroys the group while another still
+    works (rank 0 writes the summary, the card, generations) has hung a run. Call it on success only: after an error,
+    the other processes may never reach the barrier, and the launcher stops them anyway.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def warn_if_sharding_is_ignored(trainer) -> None:
     """FSDP and DeepSpeed need GPUs: on CPU processes accelerate falls back to plain DDP without a word. Say so."""
     requested = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
@@ -360,6 +376,7 @@ __all__ = [
     "checkpoint_dirs",
     "config_differences",
     "decay_parameter_names",
+    "end_distributed",
     "is_complete_checkpoint",
     "last_complete_checkpoint",
     "perplexity",

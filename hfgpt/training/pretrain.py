@@ -51,16 +51,17 @@ from ..hub import finish_model_dir
 from .common import (
     LogHistoryCallback,
     MatrixWeightDecayMixin,
-    check_distributed_setup,
-    use_cpu_for_multiple_cpu_processes,
-    warn_if_sharding_is_ignored,
     PerplexityMixin,
+    check_distributed_setup,
     check_mixed_precision,
     check_output_dir,
+    end_distributed,
     perplexity,
     resolve_resume_checkpoint,
     save_final_model,
     training_arguments_summary,
+    use_cpu_for_multiple_cpu_processes,
+    warn_if_sharding_is_ignored,
     write_training_summary,
 )
 
@@ -432,6 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hfgpt pretrain: error: {error}", file=sys.stderr)
         return 1
     train_and_save(run)
+    end_distributed()
     return 0
 
 
