@@ -80,6 +80,8 @@ def parse_args(argv=None):
                         help="LoRA and QLoRA. At 2e-3 both fell back to 'all ham' for epochs (see the README).")
     parser.add_argument("--lora_r", type=int, default=16)
     parser.add_argument("--lora_alpha", type=float, default=32)
+    parser.add_argument("--use_dora", action="store_true", help="DoRA adapters in the LoRA and QLoRA modes.")
+    parser.add_argument("--use_rslora", action="store_true", help="rsLoRA scaling in the LoRA and QLoRA modes.")
     parser.add_argument("--classifier_pooling", default="last", choices=("last", "mean"),
                         help="What the classification head reads, for every run: the last token's state or the mean "
                              "of the message's token states (the README has runs of both).")
@@ -311,7 +313,8 @@ def main(argv=None) -> int:
                                                   output_dir / "from_nothing", log_dir,
                                                   ["--learning_rate", str(args.baseline_learning_rate)],
                                                   args.epochs)
-    lora = ["--lora_r", str(args.lora_r), "--lora_alpha", str(args.lora_alpha)]
+    lora = ["--lora_r", str(args.lora_r), "--lora_alpha", str(args.lora_alpha),
+            *(["--use_dora"] if args.use_dora else []), *(["--use_rslora"] if args.use_rslora else [])]
     extra = {"full": ["--learning_rate", str(args.learning_rate)],
              "lora": ["--lora", *lora, "--learning_rate", str(args.lora_learning_rate)],
              "qlora": ["--qlora", *lora, "--learning_rate", str(args.lora_learning_rate)]}

@@ -71,13 +71,19 @@ def _logits(model, seed=2):
         return model(input_ids=input_ids, attention_mask=attention_mask).logits.cpu()
 
 
-def test_lora_merge_gives_the_adapter_models_logits_and_loads_without_peft(base_dir, tmp_path):
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
+def test_lora_merge_gives_the_adapter_models_logits_and_loads_without_peft(base_dir, tmp_path, variant):
     from transformers import AutoModelForSequenceClassification
 
-    args = PeftArguments(lora=True, lora_dropout=0.0)
+    args = PeftArguments(lora=True, lora_dropout=0.0, use_rslora=variant == "rslora", use_dora=variant == "dora")
     model = add_lora(_classifier(base_dir, args), args, "SEQ_CLS")
+    q_proj = model.base_model.model.transformer.h[0].attn.q_proj
+    # LoRA scales the update by alpha / r, rsLoRA by alpha / sqrt(r); DoRA adds a trained magnitude per output
+    expected_scaling = args.lora_alpha / (args.lora_r ** 0.5 if variant == "rslora" else args.lora_r)
+    assert q_proj.scaling["default"] == pytest.approx(expected_scaling)
+    assert ("default" in q_proj.lora_magnitude_vector) == (variant == "dora")
     model, _ = _train(model)
-    lora_b = model.base_model.model.transformer.h[0].attn.q_proj.lora_B["default"].weight
+    lora_b = q_proj.lora_B["default"].weight
     assert lora_b.abs().max() > 0  # trained: merging a zero update would prove nothing
     expected = _logits(model)
 
@@ -228,8 +234,10 @@ def test_peft_arguments_from_the_command_line():
     parser = HfArgumentParser(PeftArguments)
     (args,) = parser.parse_args_into_dataclasses(["--qlora", "--lora_r", "4", "--lora_target_modules", "q_proj,v_proj",
                                                   "o_proj"])
-    assert args.lora and args.qlora and args.lora_r == 4
+    assert args.lora and args.qlora and args.lora_r == 4 and not args.use_dora and not args.use_rslora
     assert args.lora_target_modules == ["q_proj", "v_proj", "o_proj"]
+    (args,) = parser.parse_args_into_dataclasses(["--lora", "--use_dora", "--use_rslora"])
+    assert args.use_dora and args.use_rslora
     (args,) = parser.parse_args_into_dataclasses([])
     assert not args.lora and args.lora_target_modules is None and args.merge_adapter
     with pytest.raises(ValueError, match="lora_r"):

@@ -47,6 +47,13 @@ class PeftArguments:
     lora_r: int = field(default=8, metadata={"help": "Rank of the LoRA update matrices."})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling: the update is multiplied by alpha / r."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the input of the LoRA branch."})
+    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA (Kalajdzievski, 2023): scale the update by "
+                                                              "alpha / sqrt(r) instead of alpha / r, so that larger "
+                                                              "ranks keep learning."})
+    use_dora: bool = field(default=False, metadata={"help": "DoRA (Liu et al., 2024): split each adapted weight into "
+                                                            "a magnitude vector, trained directly, and a direction "
+                                                            "that LoRA updates. Closer to full fine-tuning; each step "
+                                                            "costs more."})
     lora_target_modules: list[str] | None = field(
         default=None,
         metadata={"help": "Linear layers that get adapters, by name (space- or comma-separated), e.g. "
@@ -194,6 +201,8 @@ def lora_config(model: nn.Module, peft_args: PeftArguments, task_type: str):
         r=peft_args.lora_r,
         lora_alpha=peft_args.lora_alpha,
         lora_dropout=peft_args.lora_dropout,
+        use_rslora=peft_args.use_rslora,
+        use_dora=peft_args.use_dora,
         target_modules=targets,
         modules_to_save=[CLASSIFIER_HEAD] if task_type == "SEQ_CLS" else None,
     )
@@ -371,6 +380,8 @@ def run_report(model: nn.Module, memory: dict | None = None, peft_args: PeftArgu
             "r": peft_args.lora_r,
             "alpha": peft_args.lora_alpha,
             "dropout": peft_args.lora_dropout,
+            "use_rslora": peft_args.use_rslora,
+            "use_dora": peft_args.use_dora,
             "target_modules": sorted(config.target_modules) if config else peft_args.lora_target_modules,
             # PEFT adds the usual head names ("classifier", "score") for SEQ_CLS: list those this model has
             "modules_to_save": sorted({name for name in config.modules_to_save or []
