@@ -307,6 +307,12 @@ def test_preference_row_without_rejected_is_a_clear_error(tmp_path, tiny_tokeniz
         run_dpo(fresh_model(tiny_tokenizer), rows, config(HFGPTDPOConfig, tmp_path), tokenizer=tiny_tokenizer)
 
 
+def test_wpo_weighting_with_the_sft_loss_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="use_weighting.*'sft' loss.*Drop 'sft'"):
+        HFGPTDPOConfig(str(tmp_path), use_weighting=True, loss_type=["hinge", "sft"], report_to="none")
+    assert HFGPTDPOConfig(str(tmp_path), use_weighting=True, loss_type=["hinge"], report_to="none").use_weighting
+
+
 def test_label_smoothing_a_loss_ignores_is_a_clear_error(tmp_path):
     # TRL's sigmoid loss does not read label_smoothing: asking for it must not silently train plain DPO
     with pytest.raises(ValueError, match="label_smoothing=0.1 has no effect with loss_type \\['sigmoid'\\]"):

@@ -103,6 +103,14 @@ class HFGPTDPOConfig(trl.DPOConfig):
                 f"only in the {', '.join(LABEL_SMOOTHING_LOSSES)} losses. For DPO that allows for mislabelled pairs use "
                 f"--loss_type robust, or set --label_smoothing 0."
             )
+        if self.use_weighting and "sft" in self.loss_type:
+            # TRL 1.16 scales each loss by the WPO weights in place, and its 'sft' loss is a broadcast view of one
+            # number: the first training step fails deep inside TRL ("more than one element of the written-to tensor
+            # refers to a single memory location")
+            raise ValueError(
+                f"use_weighting (WPO) does not work with the 'sft' loss in TRL (loss_type {self.loss_type}): the "
+                "first step would fail. Drop 'sft' from --loss_type, or --use_weighting."
+            )
 
 
 class SFTTrainer(MatrixWeightDecayMixin, trl.SFTTrainer):
