@@ -18,10 +18,9 @@ CUDA = torch.device("cuda")
 PRESETS = ["tiny", "modern-tiny"]
 
 
-def _model(preset, dtype=torch.float32, attn="sdpa", **overrides):
+def _model(preset, dtype=torch.float32, attn="sdpa"):
     torch.manual_seed(0)
-    config = HFGPTConfig.from_preset(preset, embedding_dropout=0.0, attention_dropout=0.0, residual_dropout=0.0,
-                                     **overrides)
+    config = HFGPTConfig.from_preset(preset, embedding_dropout=0.0, attention_dropout=0.0, residual_dropout=0.0)
     model = HFGPTForCausalLM(config)
     model.set_attn_implementation(attn)
     return model.to(CUDA, dtype).eval()
