@@ -80,6 +80,9 @@ def parse_args(argv=None):
                         help="LoRA and QLoRA. At 2e-3 both fell back to 'all ham' for epochs (see the README).")
     parser.add_argument("--lora_r", type=int, default=16)
     parser.add_argument("--lora_alpha", type=float, default=32)
+    parser.add_argument("--lora_modules_to_save", default="",
+                        help="Modules trained in full beside the adapters in the LoRA and QLoRA modes, e.g. "
+                             "'wte,wpe' (the classifier head always is).")
     parser.add_argument("--use_dora", action="store_true", help="DoRA adapters in the LoRA and QLoRA modes.")
     parser.add_argument("--use_rslora", action="store_true", help="rsLoRA scaling in the LoRA and QLoRA modes.")
     parser.add_argument("--classifier_pooling", default="last", choices=("last", "mean"),
@@ -314,7 +317,8 @@ def main(argv=None) -> int:
                                                   ["--learning_rate", str(args.baseline_learning_rate)],
                                                   args.epochs)
     lora = ["--lora_r", str(args.lora_r), "--lora_alpha", str(args.lora_alpha),
-            *(["--use_dora"] if args.use_dora else []), *(["--use_rslora"] if args.use_rslora else [])]
+            *(["--use_dora"] if args.use_dora else []), *(["--use_rslora"] if args.use_rslora else []),
+            *(["--lora_modules_to_save", args.lora_modules_to_save] if args.lora_modules_to_save else [])]
     extra = {"full": ["--learning_rate", str(args.learning_rate)],
              "lora": ["--lora", *lora, "--learning_rate", str(args.lora_learning_rate)],
              "qlora": ["--qlora", *lora, "--learning_rate", str(args.lora_learning_rate)]}

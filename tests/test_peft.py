@@ -228,6 +228,43 @@ def test_lora_target_matching_nothing_names_the_linear_layers(base_dir):
         check_target_modules(model, ["gate_proj"])
 
 
+def test_lora_modules_to_save_are_trained_saved_and_merged(base_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    args = PeftArguments(lora=True, lora_dropout=0.0, lora_modules_to_save="wte ln_f")
+    model = add_lora(_classifier(base_dir, args), args, "SEQ_CLS")
+    assert {"wte", "ln_f", "score"} <= set(model.peft_config["default"].modules_to_save)
+    wte = model.base_model.model.transformer.wte
+    original = wte.original_module.weight.detach().clone()
+    model, _ = _train(model)
+    trained = wte.modules_to_save["default"].weight.detach().clone()
+    assert not torch.equal(trained, original)  # the copy was trained, the original left as it was
+    torch.testing.assert_close(wte.original_module.weight, original)
+    expected = _logits(model)
+
+    adapter_dir = save_adapter_and_merge(model, tmp_path / "out")
+    with safe_open(adapter_dir / "adapter_model.safetensors", "pt") as handle:
+        assert any(".wte." in key for key in handle.keys()) and any(".ln_f." in key for key in handle.keys())
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(merged.transformer.wte.weight, trained)
+    torch.testing.assert_close(_logits(merged), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_modules_to_save_errors(base_dir):
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(ValueError, match=r"'embed_tokens' matches no module.*wte, wpe.*ln_1.*score"):
+        add_lora(_classifier(base_dir, PeftArguments()), PeftArguments(lora=True, lora_modules_to_save="embed_tokens"),
+                 "SEQ_CLS")
+    # a causal LM ties wte to lm_head: a trained copy of wte would leave lm_head behind
+    args = PeftArguments(lora=True, lora_modules_to_save=["wte,ln_f"])
+    with pytest.raises(ValueError, match=r"'wte' is the token embedding.*tie"):
+        add_lora(load_base_model(base_dir, AutoModelForCausalLM, args), args, "CAUSAL_LM")
+    args = PeftArguments(lora=True, lora_modules_to_save=["ln_f"])
+    model = add_lora(load_base_model(base_dir, AutoModelForCausalLM, args), args, "CAUSAL_LM")
+    assert model.peft_config["default"].modules_to_save == ["ln_f"]
+
+
 def test_peft_arguments_from_the_command_line():
     from transformers import HfArgumentParser
 
@@ -236,10 +273,12 @@ def test_peft_arguments_from_the_command_line():
                                                   "o_proj"])
     assert args.lora and args.qlora and args.lora_r == 4 and not args.use_dora and not args.use_rslora
     assert args.lora_target_modules == ["q_proj", "v_proj", "o_proj"]
-    (args,) = parser.parse_args_into_dataclasses(["--lora", "--use_dora", "--use_rslora"])
-    assert args.use_dora and args.use_rslora
+    (args,) = parser.parse_args_into_dataclasses(["--lora", "--use_dora", "--use_rslora", "--lora_modules_to_save",
+                                                  "wte,wpe", "ln_f"])
+    assert args.use_dora and args.use_rslora and args.lora_modules_to_save == ["wte", "wpe", "ln_f"]
     (args,) = parser.parse_args_into_dataclasses([])
-    assert not args.lora and args.lora_target_modules is None and args.merge_adapter
+    assert not args.lora and args.lora_target_modules is None and args.lora_modules_to_save is None
+    assert args.merge_adapter
     with pytest.raises(ValueError, match="lora_r"):
         PeftArguments(lora=True, lora_r=0)
     with pytest.raises(ValueError, match="lora_dropout"):

@@ -60,6 +60,12 @@ class PeftArguments:
                           "'q_proj v_proj'. Default: every linear layer of the blocks (" + ", ".join(HFGPT_LINEAR_NAMES)
                           + " where present)."},
     )
+    lora_modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules trained in full beside the adapters and saved with them (PEFT's modules_to_save), "
+                          "by name, e.g. 'wte ln_f' for the token embeddings and the final norm. A classifier's head "
+                          "(score) is always among them."},
+    )
     merge_adapter: bool = field(default=True, metadata={"help": "After LoRA training, also write the adapter merged "
                                                                 "into the base weights: the output directory then "
                                                                 "holds a plain hfgpt model that loads without PEFT "
@@ -74,11 +80,17 @@ class PeftArguments:
             raise ValueError(f"--lora_alpha must be positive, got {self.lora_alpha}.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
-        if isinstance(self.lora_target_modules, str):
-            self.lora_target_modules = [self.lora_target_modules]
-        if self.lora_target_modules is not None:
-            names = [name.strip() for item in self.lora_target_modules for name in item.split(",") if name.strip()]
-            self.lora_target_modules = names or None
+        self.lora_target_modules = _name_list(self.lora_target_modules)
+        self.lora_modules_to_save = _name_list(self.lora_modules_to_save)
+
+
+def _name_list(value: str | list[str] | None) -> list[str] | None:
+    """Module names given space- or comma-separated (argparse hands over a list, Python callers may pass a string)."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    names = [name for item in items for name in item.replace(",", " ").split()]
+    return names or None
 
 
 # --- loading ----------------------------------------------------------------------------------------------------------
@@ -189,6 +201,30 @@ def check_target_modules(model: nn.Module, targets: list[str]) -> None:
         )
 
 
+def check_modules_to_save(model: nn.Module, names: list[str]) -> None:
+    """Every name in --lora_modules_to_save must name at least one module (PEFT matches the last dotted parts)."""
+    module_names = [name for name, _ in model.named_modules() if name and not _is_lora_internal(name)]
+    missing = [target for target in names
+               if not any(name == target or name.endswith("." + target) for name in module_names)]
+    if missing:
+        short_names = dict.fromkeys(name.rsplit(".", 1)[-1] for name in module_names)
+        raise ValueError(
+            f"--lora_modules_to_save {', '.join(map(repr, missing))} matches no module of this "
+            f"{type(model).__name__}. Its modules are: {', '.join(n for n in short_names if not n.isdigit())}."
+        )
+    # PEFT copies a module it trains in full; a tied lm_head would keep reading the frozen original
+    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output_embeddings is not None and output_embeddings.weight is model.get_input_embeddings().weight:
+        input_name = next(name for name, module in model.named_modules() if module is model.get_input_embeddings())
+        tied = [target for target in names if input_name == target or input_name.endswith("." + target)]
+        if tied:
+            raise ValueError(
+                f"--lora_modules_to_save {tied[0]!r} is the token embedding, which this model ties to its output "
+                "layer (lm_head); a trained copy of it would leave lm_head on the frozen original. Fine-tune all "
+                "weights instead, or start from a model saved with tie_word_embeddings=False."
+            )
+
+
 def lora_config(model: nn.Module, peft_args: PeftArguments, task_type: str):
     from peft import LoraConfig
 
@@ -196,6 +232,10 @@ def lora_config(model: nn.Module, peft_args: PeftArguments, task_type: str):
         raise ValueError(f"task_type={task_type!r} is not supported; choose one of {', '.join(TASK_TYPES)}.")
     targets = peft_args.lora_target_modules or default_target_modules(model)
     check_target_modules(model, targets)
+    to_save = list(peft_args.lora_modules_to_save or [])
+    check_modules_to_save(model, to_save)
+    if task_type == "SEQ_CLS" and CLASSIFIER_HEAD not in to_save:
+        to_save.append(CLASSIFIER_HEAD)
     return LoraConfig(
         task_type=task_type,
         r=peft_args.lora_r,
@@ -204,7 +244,7 @@ def lora_config(model: nn.Module, peft_args: PeftArguments, task_type: str):
         use_rslora=peft_args.use_rslora,
         use_dora=peft_args.use_dora,
         target_modules=targets,
-        modules_to_save=[CLASSIFIER_HEAD] if task_type == "SEQ_CLS" else None,
+        modules_to_save=to_save or None,
     )
 
 
