@@ -186,12 +186,16 @@ def default_target_modules(model: nn.Module) -> list[str]:
     return [name for name in HFGPT_LINEAR_NAMES if name in present]
 
 
+def _matches(module_name: str, target: str) -> bool:
+    """PEFT's rule for a module name given by the user: the full name, or its last dotted parts."""
+    return module_name == target or module_name.endswith("." + target)
+
+
 def check_target_modules(model: nn.Module, targets: list[str]) -> None:
-    """Every target must name at least one linear layer (PEFT's rule: the module name, or its last dotted parts)."""
+    """Every target must name at least one linear layer."""
     module_names = [name for name, module in model.named_modules()
                     if isinstance(module, nn.Linear) and name and not _is_lora_internal(name)]
-    missing = [target for target in targets
-               if not any(name == target or name.endswith("." + target) for name in module_names)]
+    missing = [target for target in targets if not any(_matches(name, target) for name in module_names)]
     if missing:
         raise ValueError(
             f"--lora_target_modules {', '.join(map(repr, missing))} matches no linear layer of this "
@@ -202,10 +206,9 @@ def check_target_modules(model: nn.Module, targets: list[str]) -> None:
 
 
 def check_modules_to_save(model: nn.Module, names: list[str]) -> None:
-    """Every name in --lora_modules_to_save must name at least one module (PEFT matches the last dotted parts)."""
+    """Every name in --lora_modules_to_save must name at least one module, and not a tied token embedding."""
     module_names = [name for name, _ in model.named_modules() if name and not _is_lora_internal(name)]
-    missing = [target for target in names
-               if not any(name == target or name.endswith("." + target) for name in module_names)]
+    missing = [target for target in names if not any(_matches(name, target) for name in module_names)]
     if missing:
         short_names = dict.fromkeys(name.rsplit(".", 1)[-1] for name in module_names)
         raise ValueError(
@@ -216,7 +219,7 @@ def check_modules_to_save(model: nn.Module, names: list[str]) -> None:
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if output_embeddings is not None and output_embeddings.weight is model.get_input_embeddings().weight:
         input_name = next(name for name, module in model.named_modules() if module is model.get_input_embeddings())
-        tied = [target for target in names if input_name == target or input_name.endswith("." + target)]
+        tied = [target for target in names if _matches(input_name, target)]
         if tied:
             raise ValueError(
                 f"--lora_modules_to_save {tied[0]!r} is the token embedding, which this model ties to its output "
