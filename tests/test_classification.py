@@ -212,6 +212,25 @@ def test_classify_full_end_to_end(base_dir, tmp_path):
     assert not list(out.glob("*.bin"))  # no pickles in the model directory
 
 
+def test_texts_start_with_bos_as_pretraining_documents_do(base_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from hfgpt.training.classification import start_texts_with_bos
+
+    train = _write_rows(tmp_path / "train.tsv", _toy_rows(40))
+    for flag, expect_bos in ((["--add_bos_token", "false"], False), ([], True)):
+        out = tmp_path / f"out{len(flag)}"
+        assert _run(["--model_name_or_path", base_dir, "--train_file", str(train), "--output_dir", str(out),
+                     "--max_steps", "1", *flag]) == 0
+        tokenizer = AutoTokenizer.from_pretrained(out)  # what pipelines and hfgpt eval classification will use
+        ids = tokenizer("see you at lunch")["input_ids"]
+        assert (ids[0] == tokenizer.bos_token_id) == expect_bos, ids
+        summary = json.loads((out / "training_summary.json").read_text())
+        assert summary["add_bos_token"] == expect_bos
+    start_texts_with_bos(tokenizer)  # already adds it: not twice
+    assert tokenizer("see you at lunch")["input_ids"] == ids
+
+
 def test_classify_qlora_end_to_end(base_dir, tmp_path):
     from peft import PeftConfig
     from transformers import AutoModelForSequenceClassification
