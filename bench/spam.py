@@ -13,7 +13,8 @@ Steps (each a separate `hfgpt` process, so its wall time and peak memory are its
    message per document), the only in-domain text there is here.
 3. Fine-tune (`hfgpt classify`) on the labelled training messages: the pretrained model in full, LoRA and QLoRA
    modes, and the same architecture from random weights ("from nothing", full fine-tuning with the same settings).
-   The head reads the last token's state (`--classifier_pooling mean`: the mean of the message's token states).
+   Each message starts with <|endoftext|>, as every pretraining document does (hfgpt classify's default), and the
+   head reads the last token's state (`--classifier_pooling mean`: the mean of the message's token states).
    With `--soup K`, each mode trains K runs from the same start with seeds seed .. seed+K-1 (two at a time with
    `--jobs 2`) and `hfgpt average` averages their weights into one model, a model soup; the table shows the soup
    and every run in it. The default, `--soup 1`, is one run per mode (a soup of 3 was no better here: README).
