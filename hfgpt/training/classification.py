@@ -256,8 +256,7 @@ def start_texts_with_bos(tokenizer) -> None:
 
     Pretraining packs documents as `<|endoftext|> text` (hfgpt.data.text), so position 0 has only ever held that
     token. A classifier fed bare texts sees its first word there instead; full fine-tuning can re-learn that
-    position, LoRA (frozen embeddings) cannot. On the spam development split LoRA made 8/6/5/4 errors with BOS against
-    11/5/9/9 without it (README, Benchmarks)."""
+    position, LoRA (frozen embeddings) cannot (measured on the spam benchmark: README, Benchmarks)."""
     if tokenizer.bos_token_id is None:
         logger.warning("The tokenizer has no BOS token: texts are classified as they are.")
         return

@@ -169,16 +169,16 @@ def _is_lora_internal(name: str) -> bool:
                for part in name.split("."))
 
 
+def _model_module_names(model: nn.Module, kind: type = nn.Module) -> list[str]:
+    """Full names of the model's own modules of `kind` (LoRA's added layers left out): what users may name."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, kind) and name and not _is_lora_internal(name)]
+
+
 def linear_module_names(model: nn.Module) -> list[str]:
     """The distinct short names of the model's linear layers (what `--lora_target_modules` matches), in model order.
     bitsandbytes' 4-bit layers count (they subclass nn.Linear); LoRA's own layers do not."""
-    names = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name and not _is_lora_internal(name):
-            short = name.rsplit(".", 1)[-1]
-            if short not in names:
-                names.append(short)
-    return names
+    return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in _model_module_names(model, nn.Linear)))
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
@@ -193,8 +193,7 @@ def _matches(module_name: str, target: str) -> bool:
 
 def check_target_modules(model: nn.Module, targets: list[str]) -> None:
     """Every target must name at least one linear layer."""
-    module_names = [name for name, module in model.named_modules()
-                    if isinstance(module, nn.Linear) and name and not _is_lora_internal(name)]
+    module_names = _model_module_names(model, nn.Linear)
     missing = [target for target in targets if not any(_matches(name, target) for name in module_names)]
     if missing:
         raise ValueError(
@@ -207,7 +206,7 @@ def check_target_modules(model: nn.Module, targets: list[str]) -> None:
 
 def check_modules_to_save(model: nn.Module, names: list[str]) -> None:
     """Every name in --lora_modules_to_save must name at least one module, and not a tied token embedding."""
-    module_names = [name for name, _ in model.named_modules() if name and not _is_lora_internal(name)]
+    module_names = _model_module_names(model)
     missing = [target for target in names if not any(_matches(name, target) for name in module_names)]
     if missing:
         short_names = dict.fromkeys(name.rsplit(".", 1)[-1] for name in module_names)
@@ -216,9 +215,10 @@ def check_modules_to_save(model: nn.Module, names: list[str]) -> None:
             f"{type(model).__name__}. Its modules are: {', '.join(n for n in short_names if not n.isdigit())}."
         )
     # PEFT copies a module it trains in full; a tied lm_head would keep reading the frozen original
+    input_embeddings = model.get_input_embeddings()
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if output_embeddings is not None and output_embeddings.weight is model.get_input_embeddings().weight:
-        input_name = next(name for name, module in model.named_modules() if module is model.get_input_embeddings())
+    if output_embeddings is not None and output_embeddings.weight is input_embeddings.weight:
+        input_name = next(name for name, module in model.named_modules() if module is input_embeddings)
         tied = [target for target in names if _matches(input_name, target)]
         if tied:
             raise ValueError(
