@@ -90,7 +90,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data_dir", default=str(DATA_DIR))
     parser.add_argument("--quick", action="store_true", help="A few steps per stage: checks the plumbing only.")
     parser.add_argument("--pretrain_epochs", type=float, default=48.0,
-                        help="Over the small training corpus; on a development split 48 beat 16 and 96 (README).")
+                        help="Over the small training corpus; on a development fold 48 beat 16 and 96 (README). "
+                             "With --pretraining_text instructions+preferences (three times the text) the earlier "
+                             "default was 16.")
     parser.add_argument("--pretraining_text", default="instructions", choices=PRETRAINING_TEXTS,
                         help="What pretraining reads: the training instructions with their answers, or those plus "
                              "both answers of every training preference pair (README: DPO did worse from that on one "
