@@ -13,6 +13,8 @@ at the end of each tokenized batch (fewer than a block) are dropped, as in trans
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
@@ -20,6 +22,8 @@ from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from .sources import DataError, check_columns, column_names
 
 BLOCK_COLUMNS = ("input_ids", "position_ids")
+
+logger = logging.getLogger(__name__)
 
 
 def document_separator_id(tokenizer) -> int:
@@ -31,6 +35,28 @@ def document_separator_id(tokenizer) -> int:
             "Set one (tokenizer.eos_token = '...') or train a tokenizer with --vocab_size."
         )
     return token_id
+
+
+def start_texts_with_bos(tokenizer) -> None:
+    """Make `tokenizer` put BOS before every text, unless it already does: for models pretrained here, whose position
+    0 has only ever held the document separator (a classifier fed bare texts sees its first word there instead; full
+    fine-tuning can re-learn that position, LoRA with its frozen embeddings cannot: README, Benchmarks).
+
+    transformers' `add_bos_token` can add only the BOS token, so this matches pretraining where BOS is the separator
+    (hfgpt's and GPT-2's `<|endoftext|>` is both); where it is not, it says so."""
+    if tokenizer.bos_token_id is None:
+        logger.warning("The tokenizer has no BOS token: texts are classified as they are.")
+        return
+    if tokenizer.eos_token_id is not None and tokenizer.bos_token_id != document_separator_id(tokenizer):
+        logger.warning("The tokenizer's BOS token %r is not the document separator %r that hfgpt's pretraining puts "
+                       "before every document; texts start with BOS all the same.", tokenizer.bos_token,
+                       tokenizer.eos_token)
+    if tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        return
+    tokenizer.add_bos_token = True  # transformers rewrites the post-processor, which save_pretrained keeps
+    if tokenizer("x")["input_ids"][:1] != [tokenizer.bos_token_id]:
+        raise ValueError(f"Could not make the {type(tokenizer).__name__} tokenizer add its BOS token; pass "
+                         "--add_bos_token false to classify texts as they are.")
 
 
 def tokenize_documents(dataset, tokenizer, text_column: str = "text", num_proc: int | None = None,
@@ -147,5 +173,6 @@ __all__ = [
     "document_separator_id",
     "pack_blocks",
     "pack_token_stream",
+    "start_texts_with_bos",
     "tokenize_documents",
 ]

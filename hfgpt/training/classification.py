@@ -43,6 +43,7 @@ from transformers import (
 from .. import files
 from ..data.labels import LABEL_ID_COLUMN, label_mappings, load_labelled_datasets
 from ..data.sources import TRAIN_SPLIT, VALIDATION_SPLIT, DataError, split_file_list
+from ..data.text import start_texts_with_bos
 from .common import (
     LogHistoryCallback,
     MatrixWeightDecayMixin,
@@ -249,23 +250,6 @@ def load_tokenizer(args: ClassificationArguments):
     if args.add_bos_token:
         start_texts_with_bos(tokenizer)
     return tokenizer
-
-
-def start_texts_with_bos(tokenizer) -> None:
-    """Make `tokenizer` put BOS before every text, unless it already does.
-
-    Pretraining packs documents as `<|endoftext|> text` (hfgpt.data.text), so position 0 has only ever held that
-    token. A classifier fed bare texts sees its first word there instead; full fine-tuning can re-learn that
-    position, LoRA (frozen embeddings) cannot (measured on the spam benchmark: README, Benchmarks)."""
-    if tokenizer.bos_token_id is None:
-        logger.warning("The tokenizer has no BOS token: texts are classified as they are.")
-        return
-    if tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
-        return
-    tokenizer.add_bos_token = True  # transformers rewrites the post-processor, which save_pretrained keeps
-    if tokenizer("x")["input_ids"][:1] != [tokenizer.bos_token_id]:
-        raise ValueError(f"Could not make the {type(tokenizer).__name__} tokenizer add its BOS token; pass "
-                         "--add_bos_token false to classify texts as they are.")
 
 
 def tokenize(datasets, tokenizer, text_column: str, max_length: int):
