@@ -14,12 +14,17 @@ import torch
 import yaml
 
 from hfgpt import HFGPTConfig, HFGPTForCausalLM, files
+from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_callback import TrainerControl, TrainerState
+
 from hfgpt.training.common import (
+    NonFiniteTrainingError,
+    StopOnNonFiniteWeights,
     checkpoint_dirs,
     decay_parameter_names,
     resolve_resume_checkpoint,
 )
-from hfgpt.training.pretrain import main, parse_args, prepare_pretraining, run_pretraining
+from hfgpt.training.pretrain import main, parse_args, prepare_pretraining, run_pretraining, train_and_save
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,6 +143,43 @@ def test_resume_after_kill_9_ends_like_an_uninterrupted_run(tmp_path, corpus_fil
     a, b = (load_file(path / "model.safetensors") for path in (killed_dir, tmp_path / "straight"))
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Divergence
+
+
+class PoisonWeightsAt(TrainerCallback):
+    """What a diverged step does to a model: NaN in its weights."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                model.lm_head.weight[0, 0] = float("nan")
+
+
+def test_a_diverged_run_stops_with_a_clear_error_and_saves_nothing(tmp_path, corpus_file, tokenizer_dir):
+    output_dir = tmp_path / "diverged"
+    run = prepare_pretraining(*parse_args(tiny_run_args(output_dir, corpus_file, tokenizer_dir, "--max_steps", "20")),
+                              callbacks=[PoisonWeightsAt(3)])
+    with pytest.raises(NonFiniteTrainingError, match=r"diverged by step 4: the model's weights hold NaN.*learning_rate"):
+        train_and_save(run)
+    assert run.trainer.state.global_step == 4  # stopped at the first log after the damage, not after 20 steps
+    assert not (output_dir / "model.safetensors").exists()
+
+
+def test_finite_weights_with_an_inf_gradient_norm_go_on(tiny_model, tmp_path):
+    """fp16's loss scaler skips a step whose gradients overflow: the norm is inf, the weights are fine."""
+    callback, args = StopOnNonFiniteWeights(), TrainingArguments(str(tmp_path), report_to="none")
+    state, control = TrainerState(global_step=5), TrainerControl()
+    callback.on_log(args, state, control, logs={"loss": 2.0, "grad_norm": float("inf")}, model=tiny_model)
+    with torch.no_grad():
+        tiny_model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteTrainingError, match="No checkpoint was saved"):
+        callback.on_log(args, state, control, logs={"loss": 2.0, "grad_norm": float("inf")}, model=tiny_model)
 
 
 # --------------------------------------------------------------------------------------------------------------------

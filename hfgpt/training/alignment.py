@@ -42,13 +42,13 @@ import trl
 from .. import files
 from ..data import chat
 from .common import (
-    LogHistoryCallback,
     MatrixWeightDecayMixin,
     check_output_dir,
     end_distributed,
     resolve_resume_checkpoint,
     save_final_model,
     training_arguments_summary,
+    training_callbacks,
     write_training_summary,
 )
 
@@ -580,7 +580,7 @@ def build_sft_trainer(model: ModelLike, train_dataset, args: trl.SFTConfig, toke
                                          _source_name(data_source, "validation", "the validation rows"))
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                          processing_class=tokenizer, peft_config=peft_config,
-                         callbacks=[LogHistoryCallback("Instruction tuning (SFT) loss")])
+                         callbacks=training_callbacks("Instruction tuning (SFT) loss"))
     details = {
         "train_rows": len(train),
         "validation_rows": None if evaluation is None else len(evaluation),
@@ -622,7 +622,7 @@ def build_dpo_trainer(model: ModelLike, train_dataset, args: trl.DPOConfig, toke
                                                 _source_name(data_source, "validation", "the held-out pairs"))
     trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=train, eval_dataset=evaluation,
                          processing_class=tokenizer, peft_config=peft_config,
-                         callbacks=[LogHistoryCallback("Preference tuning (DPO) loss")])
+                         callbacks=training_callbacks("Preference tuning (DPO) loss"))
     details = {
         "train_rows": len(train),
         "validation_rows": None if evaluation is None else len(evaluation),

@@ -45,7 +45,6 @@ from ..data.labels import LABEL_ID_COLUMN, label_mappings, load_labelled_dataset
 from ..data.sources import TRAIN_SPLIT, VALIDATION_SPLIT, DataError, split_file_list
 from ..data.text import start_texts_with_bos
 from .common import (
-    LogHistoryCallback,
     MatrixWeightDecayMixin,
     check_mixed_precision,
     check_output_dir,
@@ -53,6 +52,7 @@ from .common import (
     resolve_resume_checkpoint,
     save_final_model,
     training_arguments_summary,
+    training_callbacks,
     write_training_summary,
 )
 from .peft import PeftArguments, add_lora, linear_memory_footprint, load_base_model, run_report, save_adapter_and_merge
@@ -367,7 +367,7 @@ def prepare_classification(args: ClassificationArguments, training_args: Classif
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=metrics_function(len(label_names)),
         compute_loss_func=compute_loss_func,
-        callbacks=[LogHistoryCallback(title=f"hfgpt classification: {output_dir.name}"), *callbacks],
+        callbacks=[*training_callbacks(f"hfgpt classification: {output_dir.name}"), *callbacks],
     )
     training_args.push_to_hub = push_to_hub
     summary = {

@@ -4,6 +4,8 @@
   decay only weight matrices; `decay_parameter_names` is the rule itself.
 - `PerplexityMixin`: adds `eval_perplexity = exp(eval_loss)` to every evaluation (causal LM tasks).
 - `LogHistoryCallback`: keeps log_history.json / .csv and loss_curve.png in the output directory up to date.
+- `StopOnNonFiniteWeights`: ends a diverged run (NaN/inf weights) with an error that says what to do.
+  `training_callbacks` gives both, the callbacks every hfgpt trainer starts with.
 - Checkpoints: `resolve_resume_checkpoint` finds the newest *complete* checkpoint (a crash while saving leaves an
   incomplete one, which is skipped); `check_output_dir` refuses to mix a run into a directory holding another model.
 - The end of a run: `save_final_model` (no pickles in the model directory), `write_training_summary`.
@@ -148,6 +150,41 @@ class LogHistoryCallback(TrainerCallback):
         if state.is_world_process_zero:
             write_log_history(args.output_dir, state.log_history)
             plot_loss_curve(state.log_history, Path(args.output_dir) / files.LOSS_CURVE, self.title)
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training diverged: the model's weights hold NaN or inf."""
+
+
+class StopOnNonFiniteWeights(TrainerCallback):
+    """Stops a run whose weights have gone NaN or inf, with an error saying what to do, instead of training on for
+    hours and saving a model that outputs nothing but NaN. Trainer's `logging_nan_inf_filter` keeps non-finite
+    losses out of the logged loss, so the logged gradient norm is watched too; when either is not finite the weights
+    themselves decide (an fp16 step the loss scaler skipped has an inf gradient norm but finite weights, and goes on).
+    """
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        logged = {key: (logs or {}).get(key) for key in ("loss", "grad_norm")}
+        if model is None or all(not isinstance(value, float) or math.isfinite(value) for value in logged.values()):
+            return
+        if all(torch.isfinite(parameter).all() for parameter in model.parameters() if parameter.is_floating_point()):
+            return
+        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else None
+        checkpoint = last_complete_checkpoint(args.output_dir)
+        raise NonFiniteTrainingError(
+            f"Training diverged by step {state.global_step}: the model's weights hold NaN or inf (last logged loss "
+            f"{logged['loss']}, gradient norm {logged['grad_norm']}, learning rate {(logs or {}).get('learning_rate')})."
+            f" The run is stopped and this model is not saved. Try a lower --learning_rate, more --warmup_steps, "
+            f"--max_grad_norm 1.0" + (f", or fp32 instead of {precision}" if precision else "") + ". "
+            + (f"The newest checkpoint, {checkpoint}, was saved before this log; resume from it only if its step is "
+               f"before the loss went wrong ({Path(args.output_dir) / files.LOG_HISTORY_CSV})."
+               if checkpoint else "No checkpoint was saved before it.")
+        )
+
+
+def training_callbacks(title: str | None = None) -> list[TrainerCallback]:
+    """The callbacks every hfgpt trainer starts with: curves kept on disk, and a diverged run stopped."""
+    return [LogHistoryCallback(title), StopOnNonFiniteWeights()]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

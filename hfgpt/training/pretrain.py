@@ -49,7 +49,6 @@ from ..data.default_corpus import default_corpus
 from ..data.sources import SAMPLE_BY, VALIDATION_SPLIT, DataError
 from ..hub import finish_model_dir
 from .common import (
-    LogHistoryCallback,
     MatrixWeightDecayMixin,
     PerplexityMixin,
     check_distributed_setup,
@@ -60,6 +59,7 @@ from .common import (
     resolve_resume_checkpoint,
     save_final_model,
     training_arguments_summary,
+    training_callbacks,
     use_cpu_for_multiple_cpu_processes,
     warn_if_sharding_is_ignored,
     write_training_summary,
@@ -349,7 +349,7 @@ def prepare_pretraining(args: PretrainArguments, training_args: PretrainingArgum
         eval_dataset=blocks[VALIDATION_SPLIT] if has_validation else None,
         processing_class=tokenizer,
         data_collator=PackedBlockCollator(),
-        callbacks=[LogHistoryCallback(title=f"hfgpt pretraining: {output_dir.name}"), *callbacks],
+        callbacks=[*training_callbacks(f"hfgpt pretraining: {output_dir.name}"), *callbacks],
     )
     warn_if_sharding_is_ignored(trainer)
     summary = {
