@@ -219,9 +219,10 @@ def classify(args, name: str, model_dir: Path, data_dir: Path, output_dir: Path,
         "trainable_parameters": summary["parameters"]["trainable"], "total_parameters": summary["parameters"]["total"],
         "linear_bytes": summary["memory"]["linear_bytes"], "linear_fp32_bytes": summary["memory"]["linear_fp32_bytes"],
         "peak_rss_bytes": summary["memory"]["peak_rss_bytes"],
-        "per_epoch": [{key: entry[key] for key in ("epoch", "eval_accuracy", "eval_f1") if key in entry}
-                      for entry in step_output(output_dir / LOG_HISTORY_JSON)
-                      if "eval_accuracy" in entry],
+        # the final evaluation repeats the last epoch's: one entry per epoch
+        "per_epoch": list({entry.get("epoch"): {key: entry[key] for key in ("epoch", "eval_accuracy", "eval_f1")
+                                                if key in entry}
+                           for entry in step_output(output_dir / LOG_HISTORY_JSON) if "eval_accuracy" in entry}.values()),
     }
 
 

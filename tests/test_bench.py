@@ -1,0 +1,89 @@
+"""The benchmark scripts run end to end, as a user runs them, on tiny data made here (the real runs read
+../shared/data and take minutes to hours). The numbers are meaningless at this size: these tests check that every
+stage runs and that the tables and result files hold what the README says they do."""
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "the cat sat on a mat with some red blue green apples and pears near the river hill town".split()
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
+
+
+def run_bench(script: str, *args: str, timeout: int = 300) -> str:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_alignment_bench_quick(tmp_path):
+    rng = random.Random(0)
+    with open(tmp_path / "instructions.jsonl", "w") as f:
+        for i in range(300):
+            f.write(json.dumps({"instruction": sentence(rng, 6), "input": sentence(rng, 3) if i % 3 == 0 else "",
+                                "output": sentence(rng, 30)}) + "\n")
+    with open(tmp_path / "preferences.jsonl", "w") as f:
+        for _ in range(40):
+            answer = sentence(rng, 8)
+            f.write(json.dumps({"instruction": sentence(rng, 6), "input": "", "chosen": answer,
+                                "rejected": answer + " Duh, obviously."}) + "\n")
+    out = run_bench("alignment.py", "--quick", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "run"))
+    for stage in ("before SFT", "after SFT", "after DPO"):
+        row = next(line for line in out.splitlines() if line.startswith(stage)).split()
+        assert all(0.0 <= float(value) <= 1.0 for value in row[-3:]), row
+    assert "held-out reward accuracy" in out
+    pairs = [json.loads(line) for line in open(tmp_path / "run" / "dpo" / "preference_pairs.jsonl")]
+    assert len(pairs) == 4  # the last 10% of 40 pairs
+    for stage in ("pretrained", "sft", "dpo"):
+        assert (tmp_path / "run" / stage / "model.safetensors").exists()
+
+
+def test_spam_bench_every_mode(tmp_path):
+    rng = random.Random(0)
+    with open(tmp_path / "spam.tsv", "w") as f:
+        f.write("label\ttext\n")
+        for i in range(500):
+            f.write(f"spam\tWIN a FREE prize now call 0800 {sentence(rng, 12)}\n" if i % 5 == 0
+                    else f"ham\t{sentence(rng, 16)}\n")
+    out = run_bench("spam.py", "--data", str(tmp_path / "spam.tsv"), "--output_dir", str(tmp_path / "run"),
+                    "--vocab_size", "300", "--config_overrides", "num_hidden_layers=1,hidden_size=32,num_attention_heads=2",
+                    "--pretrain_epochs", "1", "--epochs", "1", "--lora_epochs", "1", "--threads", "1")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    runs = results["runs"]
+    assert set(runs) == {"from nothing (full)", "pretrained + full", "pretrained + lora", "pretrained + qlora"}
+    for name, run in runs.items():
+        assert name in out
+        assert run["errors"] == round((1 - run["accuracy"]) * 100)  # 100 held-out messages (the last 20%)
+        assert [entry["epoch"] for entry in run["per_epoch"]] == [1.0]
+    assert runs["pretrained + lora"]["trainable_parameters"] < runs["pretrained + full"]["trainable_parameters"]
+    assert runs["pretrained + qlora"]["linear_bytes"] < 0.35 * runs["pretrained + qlora"]["linear_fp32_bytes"]
+
+
+def test_shakespeare_bench_one_configuration(tmp_path):
+    rng = random.Random(0)
+    (tmp_path / "text.txt").write_text("\n".join(sentence(rng, 10) for _ in range(400)))
+    run_bench("shakespeare.py", "--data", str(tmp_path / "text.txt"), "--config", "char-modern-4x128-b64",
+              "--time_budget", "2", "--threads", "1", "--results", str(tmp_path / "results.jsonl"))
+    (result,) = [json.loads(line) for line in open(tmp_path / "results.jsonl")]
+    assert result["config"] == "char-modern-4x128-b64" and result["steps"] > 0
+    assert 0 < result["nats_per_char"] < math.log(261)  # better than uniform over the characters
+
+
+def test_model_speed_bench_prints_ratios():
+    out = run_bench("model_speed.py", "--quick", "--shapes", "tiny", "--repeats", "1", "--threads", "1",
+                    "--device", "cpu")
+    rows = [line.split() for line in out.splitlines() if line.startswith("tiny ")]
+    assert len(rows) == 3  # train, generate b1, generate b4
+    for row in rows:
+        ratio = float(row[-2])
+        assert 0.05 < ratio < 20, row
