@@ -8,19 +8,19 @@ each file is held out; nothing held out is used for training at any stage.
    plain language model, on the text of the training split only: the 900 instructions with their answers (no chat
    format, no roles). `--pretraining_text instructions+preferences` adds the 900 training preference pairs'
    instructions with each of their two answers, the earlier default: over three development folds DPO from it
-   scored a lower mean reward accuracy and varied more from fold to fold (README).
+   scored a lower mean reward accuracy and varied more from fold to fold (bench/alignment_experiments.md).
 2. ROUGE-L of the pretrained model's answers to the 100 held-out instructions (rendered with the chat template,
    greedy decoding) against the reference outputs: "before SFT".
 3. SFT (hfgpt.training.alignment.run_sft) on the 900 training rows, assistant-only loss: ROUGE-L "after SFT".
 4. DPO (run_dpo) from the SFT model on the 900 training pairs, reference = a frozen copy of the SFT model, loss
    DPO's hinge form (SLiC's) + the chosen answer's NLL (TRL loss_type ["hinge", "sft"], chosen over the RPO-style
-   ["sigmoid", "sft"] on a development split of the training pairs, see the README; `--loss_type sigmoid` for plain
-   DPO): the
-   held-out reward accuracy and margin on the 100 held-out pairs, and ROUGE-L "after DPO" on the same 100 held-out
-   instructions (references: instructions.jsonl's outputs, as before).
+   ["sigmoid", "sft"] on a development split of the training pairs, see bench/alignment_experiments.md;
+   `--loss_type sigmoid` for plain DPO): the held-out reward accuracy and margin on the 100 held-out pairs, and
+   ROUGE-L "after DPO" on the same 100 held-out instructions (references: instructions.jsonl's outputs, as before).
 
     python bench/alignment.py                  # the full run (targets: within 20 minutes on 2 CPU cores)
     python bench/alignment.py --quick          # a smoke run of every stage (minutes, numbers meaningless)
+    python bench/alignment.py --dev_fold 700   # a development run: rows 701-800 held out, 901-1000 unread
 
 Prints one table, the wall time of each stage, and the machine's load average (other processes slow it down).
 """
@@ -37,9 +37,17 @@ HOLD_OUT = 0.10
 PRETRAINING_TEXTS = ("instructions", "instructions+preferences")
 
 
-def split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+def split(rows: list[dict], dev_fold: int | None = None) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows): the last 10% held out; with `dev_fold`, a development split instead: the
+    10% starting at row `dev_fold` is held out and the last 10% is left out of everything."""
     cut = len(rows) - int(len(rows) * HOLD_OUT)
-    return rows[:cut], rows[cut:]
+    if dev_fold is None:
+        return rows[:cut], rows[cut:]
+    size = len(rows) - cut
+    if not 0 <= dev_fold <= cut - size:
+        raise ValueError(f"--dev_fold {dev_fold}: a development fold of {size} rows must start between 0 and "
+                         f"{cut - size}, inside the first {cut} rows (the last {size} are the held-out rows).")
+    return rows[:dev_fold] + rows[dev_fold + size:cut], rows[dev_fold:dev_fold + size]
 
 
 def write_pretraining_corpus(instructions: list[dict], preferences: list[dict], path: Path) -> Path:
@@ -89,14 +97,21 @@ def main(argv=None) -> int:
     parser.add_argument("--output_dir", default="runs/bench_alignment", help="Where the three models go.")
     parser.add_argument("--data_dir", default=str(DATA_DIR))
     parser.add_argument("--quick", action="store_true", help="A few steps per stage: checks the plumbing only.")
+    parser.add_argument("--dev_fold", type=int, default=None, metavar="START",
+                        help="A development run: hold out rows START..START+99 of each file (of the first 900) "
+                             "and leave the last 100 out of every stage, so settings can be compared without "
+                             "looking at the held-out rows (bench/alignment_experiments.md).")
     parser.add_argument("--pretrain_epochs", type=float, default=48.0,
-                        help="Over the small training corpus; on a development fold 48 beat 16 and 96 (README). "
-                             "With --pretraining_text instructions+preferences (three times the text) the earlier "
-                             "default was 16.")
+                        help="Over the small training corpus; on a development fold 48 beat 16 and 96 "
+                             "(bench/alignment_experiments.md). With --pretraining_text instructions+preferences "
+                             "(three times the text) the earlier default was 16.")
     parser.add_argument("--pretraining_text", default="instructions", choices=PRETRAINING_TEXTS,
                         help="What pretraining reads: the training instructions with their answers, or those plus "
-                             "both answers of every training preference pair (README: over three development folds "
-                             "DPO did worse from that on one, the same on one, better on one).")
+                             "both answers of every training preference pair (over three development folds DPO did "
+                             "worse from that on one, the same on one, better on one: bench/alignment_experiments.md).")
+    parser.add_argument("--vocab_size", type=int, default=2048,
+                        help="The BPE vocabulary trained for pretraining. 1,024 led over six development folds on a "
+                             "GPU but tied on the CPU and lost on the held-out pairs (bench/alignment_experiments.md).")
     parser.add_argument("--sft_epochs", type=float, default=3.0)
     parser.add_argument("--dpo_epochs", type=float, default=2.0)
     parser.add_argument("--sft_learning_rate", type=float, default=1e-3)
@@ -115,12 +130,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     started = time.time()
     data_dir, output_dir = Path(args.data_dir), Path(args.output_dir)
-    instructions_train, instructions_held = split(read_rows(data_dir / "instructions.jsonl"))
-    preferences_train, preferences_held = split(read_rows(data_dir / "preferences.jsonl"))
+    instructions_train, instructions_held = split(read_rows(data_dir / "instructions.jsonl"), args.dev_fold)
+    preferences_train, preferences_held = split(read_rows(data_dir / "preferences.jsonl"), args.dev_fold)
     if args.quick:
         instructions_held, preferences_held = instructions_held[:8], preferences_held[:8]
     steps = {"max_steps": 3} if args.quick else {}
-    settings = {"vocab_size": 2048, "model": "hidden_size=256,num_hidden_layers=4,num_attention_heads=4",
+    settings = {"vocab_size": args.vocab_size, "model": "hidden_size=256,num_hidden_layers=4,num_attention_heads=4",
                 "pretrain_epochs": args.pretrain_epochs, "max_steps": 3 if args.quick else -1, "quiet": False}
     generation = GenerationSettings(max_new_tokens=64, batch_size=20)
     timings = {}
@@ -164,7 +179,9 @@ def main(argv=None) -> int:
     print("\n=== hfgpt alignment benchmark" + (" (--quick: plumbing only)" if args.quick else "") + " ===")
     print(f"model: {settings['model']}, vocab {settings['vocab_size']}; pretrained on {args.pretraining_text}, loss "
           f"{pretrain_metrics['train_loss']:.3f} after {pretrain_metrics['global_step']} steps")
-    print(f"held-out: {len(instructions_held)} instructions, {preference['num_pairs']} preference pairs")
+    print(f"held-out: {len(instructions_held)} instructions, {preference['num_pairs']} preference pairs"
+          + (f" (development fold: rows {args.dev_fold + 1}-{args.dev_fold + len(preferences_held)})"
+             if args.dev_fold is not None else ""))
     print(f"{'stage':<14}{'ROUGE-1':>9}{'ROUGE-2':>9}{'ROUGE-L':>9}")
     for name, scores in (("before SFT", before), ("after SFT", sft.metrics["rouge"]),
                          ("after DPO", dpo.metrics["rouge"])):

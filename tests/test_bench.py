@@ -2,6 +2,7 @@
 ../shared/data and take minutes to hours). The numbers are meaningless at this size: these tests check that every
 stage runs and that the tables and result files hold what the README says they do."""
 
+import importlib.util
 import json
 import math
 import os
@@ -9,6 +10,8 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the cat sat on a mat with some red blue green apples and pears near the river hill town".split()
@@ -24,6 +27,25 @@ def run_bench(script: str, *args: str, timeout: int = 300) -> str:
                           env=env, timeout=timeout, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
+
+
+def load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_alignment_development_fold_never_reads_the_held_out_rows():
+    split = load_bench("alignment").split
+    rows = [{"row": i} for i in range(1000)]
+    train, held = split(rows)
+    assert [r["row"] for r in held] == list(range(900, 1000)) and len(train) == 900
+    train, dev = split(rows, dev_fold=700)
+    assert [r["row"] for r in dev] == list(range(700, 800))
+    assert [r["row"] for r in train] == list(range(700)) + list(range(800, 900))
+    with pytest.raises(ValueError, match="must start between 0 and 800"):
+        split(rows, dev_fold=850)
 
 
 def test_alignment_bench_quick(tmp_path):
