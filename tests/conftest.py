@@ -11,6 +11,7 @@ os.environ.setdefault("USE_HUB_KERNELS", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 torch.set_num_threads(1)  # the CI machine has 2 cores; one thread per test process is faster and fair
 
@@ -73,3 +74,20 @@ def tiny_tokenizer(tiny_corpus):
 
     vocab_size = HFGPTConfig.from_preset("tiny").vocab_size
     return train_tokenizer(iter(tiny_corpus), vocab_size=vocab_size, show_progress=False)
+
+
+class PoisonWeightsAt(TrainerCallback):
+    """What a diverged step does to a model: NaN in its weights (here the LM head's, after step `step`)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                model.get_output_embeddings().weight[0, 0] = float("nan")
+
+
+@pytest.fixture
+def poison_weights_at():
+    return PoisonWeightsAt

@@ -23,6 +23,7 @@ from hfgpt.training.alignment import (
     run_sft,
     sft_main,
 )
+from hfgpt.training.common import NonFiniteTrainingError
 from hfgpt.training.peft import PeftArguments
 
 COLOURS = ["red", "blue", "green", "white", "black", "yellow", "brown", "grey", "pink", "orange", "gold", "silver"]
@@ -245,6 +246,16 @@ def test_dpo_learns_the_preferences_pair_by_pair(tmp_path, tiny_tokenizer, lora)
     trl_metrics = run.trainer.evaluate()
     assert metrics["reward_margin"] == pytest.approx(trl_metrics["eval_rewards/margins"], rel=1e-4)
     assert metrics["reward_chosen"] == pytest.approx(trl_metrics["eval_rewards/chosen"], rel=1e-4)
+
+
+@pytest.mark.parametrize("task", ["sft", "dpo"])
+def test_a_diverged_run_stops_with_a_clear_error(tmp_path, tiny_tokenizer, poison_weights_at, task):
+    build, config_class, rows = ((build_sft_trainer, HFGPTSFTConfig, instruction_rows(8)) if task == "sft"
+                                 else (build_dpo_trainer, HFGPTDPOConfig, preference_rows(8)))
+    run = build(fresh_model(tiny_tokenizer), rows, config(config_class, tmp_path, max_steps=6), tokenizer=tiny_tokenizer)
+    run.trainer.add_callback(poison_weights_at(2))
+    with pytest.raises(NonFiniteTrainingError, match="diverged by step 3"):
+        run.trainer.train()
 
 
 def test_token_rewards_add_up_to_each_answers_reward(tmp_path, tiny_tokenizer):

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from hfgpt import HFGPTConfig, HFGPTForCausalLM, files
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainingArguments
 from transformers.trainer_callback import TrainerControl, TrainerState
 
 from hfgpt.training.common import (
@@ -149,22 +149,11 @@ def test_resume_after_kill_9_ends_like_an_uninterrupted_run(tmp_path, corpus_fil
 # Divergence
 
 
-class PoisonWeightsAt(TrainerCallback):
-    """What a diverged step does to a model: NaN in its weights."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step == self.step:
-            with torch.no_grad():
-                model.lm_head.weight[0, 0] = float("nan")
-
-
-def test_a_diverged_run_stops_with_a_clear_error_and_saves_nothing(tmp_path, corpus_file, tokenizer_dir):
+def test_a_diverged_run_stops_with_a_clear_error_and_saves_nothing(tmp_path, corpus_file, tokenizer_dir,
+                                                                   poison_weights_at):
     output_dir = tmp_path / "diverged"
     run = prepare_pretraining(*parse_args(tiny_run_args(output_dir, corpus_file, tokenizer_dir, "--max_steps", "20")),
-                              callbacks=[PoisonWeightsAt(3)])
+                              callbacks=[poison_weights_at(3)])
     with pytest.raises(NonFiniteTrainingError, match=r"diverged by step 4: the model's weights hold NaN.*learning_rate"):
         train_and_save(run)
     assert run.trainer.state.global_step == 4  # stopped at the first log after the damage, not after 20 steps
