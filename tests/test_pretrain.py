@@ -152,8 +152,8 @@ def test_resume_after_kill_9_ends_like_an_uninterrupted_run(tmp_path, corpus_fil
 def test_a_diverged_run_stops_with_a_clear_error_and_saves_nothing(tmp_path, corpus_file, tokenizer_dir,
                                                                    poison_weights_at):
     output_dir = tmp_path / "diverged"
-    run = prepare_pretraining(*parse_args(tiny_run_args(output_dir, corpus_file, tokenizer_dir, "--max_steps", "20")),
-                              callbacks=[poison_weights_at(3)])
+    arguments = tiny_run_args(output_dir, corpus_file, tokenizer_dir, "--max_steps", "20")
+    run = prepare_pretraining(*parse_args(arguments), callbacks=[poison_weights_at(3)])
     with pytest.raises(NonFiniteTrainingError, match=r"diverged by step 4: the model's weights hold NaN.*learning_rate"):
         train_and_save(run)
     assert run.trainer.state.global_step == 4  # stopped at the first log after the damage, not after 20 steps
@@ -169,6 +169,10 @@ def test_finite_weights_with_an_inf_gradient_norm_go_on(tiny_model, tmp_path):
         tiny_model.lm_head.weight.fill_(float("nan"))
     with pytest.raises(NonFiniteTrainingError, match="No checkpoint was saved"):
         callback.on_log(args, state, control, logs={"loss": 2.0, "grad_norm": float("inf")}, model=tiny_model)
+    # the filtered loss can look finite; without a gradient norm to go by (not logged), the weights are looked at
+    with pytest.raises(NonFiniteTrainingError):
+        callback.on_log(args, state, control, logs={"loss": 2.0}, model=tiny_model)
+    callback.on_log(args, state, control, logs={"loss": 2.0, "grad_norm": 1.0}, model=tiny_model)  # not looked at
 
 
 # --------------------------------------------------------------------------------------------------------------------
