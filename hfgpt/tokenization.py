@@ -144,6 +144,9 @@ def wrap_tokenizer(
         model_input_names=["input_ids", "attention_mask"],
         **extra,
     )
+    # Every pretraining document starts with <|endoftext|> (hfgpt.data.text), so raw text is tokenized the same way:
+    # BOS first. Chat conversations are rendered by the template and tokenized without it.
+    tokenizer.add_bos_token = True
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 

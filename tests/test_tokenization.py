@@ -95,10 +95,11 @@ def test_special_tokens_have_low_stable_ids(tiny_tokenizer):
     }
     assert tiny_tokenizer.pad_token_id != tiny_tokenizer.eos_token_id
     assert set(tiny_tokenizer.extra_special_tokens) == set(ROLE_TOKENS.values())
-    # special tokens are atomic in text and not added on their own
-    assert tiny_tokenizer(ENDOFTEXT_TOKEN + PAD_TOKEN)["input_ids"] == [tiny_tokenizer.eos_token_id,
-                                                                      tiny_tokenizer.pad_token_id]
-    assert tiny_tokenizer("the cat")["input_ids"] == tiny_tokenizer.encode("the cat", add_special_tokens=False)
+    # special tokens are atomic in text; raw text starts with BOS, as every pretraining document does
+    assert tiny_tokenizer(ENDOFTEXT_TOKEN + PAD_TOKEN, add_special_tokens=False)["input_ids"] == [
+        tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id]
+    assert tiny_tokenizer("the cat")["input_ids"] == [tiny_tokenizer.bos_token_id] + tiny_tokenizer.encode(
+        "the cat", add_special_tokens=False)
     assert "token_type_ids" not in tiny_tokenizer("the cat")
 
 
@@ -139,20 +140,21 @@ def test_min_frequency_limits_merges():
 
 @pytest.mark.parametrize("text", TRICKY_TEXTS)
 def test_decode_encode_is_identity_on_tricky_text(tiny_tokenizer, text):
-    ids = tiny_tokenizer.encode(text)
+    ids = tiny_tokenizer.encode(text, add_special_tokens=False)
     assert tiny_tokenizer.decode(ids) == text
+    assert tiny_tokenizer.encode(text) == [tiny_tokenizer.bos_token_id] + ids
 
 
 def test_decode_encode_is_identity_on_random_unicode(tiny_tokenizer):
     rng = random.Random(1234)
     texts = [random_unicode_text(rng) for _ in range(2000)]
-    batch = tiny_tokenizer(texts)["input_ids"]
+    batch = tiny_tokenizer(texts, add_special_tokens=False)["input_ids"]
     for text, ids in zip(texts, batch):
         assert tiny_tokenizer.decode(ids) == text, repr(text)
     # merges were learned on English-like text, so some of these ids are merges, not just bytes
-    english = "The old sailor remembers the garden at night."
-    assert len(tiny_tokenizer.encode(english)) < len(english.encode("utf-8")) / 2
-    assert tiny_tokenizer.decode(tiny_tokenizer.encode(english)) == english
+    english = tiny_tokenizer.encode("The old sailor remembers the garden at night.", add_special_tokens=False)
+    assert len(english) < len("The old sailor remembers the garden at night.") / 2
+    assert tiny_tokenizer.decode(english) == "The old sailor remembers the garden at night."
 
 
 # --- training sources ----------------------------------------------------------------------------------------
@@ -168,12 +170,13 @@ def test_train_from_files_and_iterator(tmp_path, tiny_corpus):
     from_texts = train_tokenizer((line for line in tiny_corpus), vocab_size=400, show_progress=False)
     from_batches = train_tokenizer(iter([tiny_corpus[:100], tiny_corpus[100:]]), vocab_size=400, show_progress=False)
     for tokenizer in (from_list, from_one_path):
-        assert tokenizer.encode(" xylophone") == [tokenizer.convert_tokens_to_ids("Ġxylophone")]
+        xylophone = tokenizer.convert_tokens_to_ids("Ġxylophone")
+        assert tokenizer.encode(" xylophone", add_special_tokens=False) == [xylophone]
     assert "Ġxylophone" not in from_texts.get_vocab()
     # the same lines given one by one or in batches train the same tokenizer
     assert from_batches.get_vocab() == from_texts.get_vocab()
     for tokenizer in (from_list, from_one_path, from_texts):
-        assert tokenizer.decode(tokenizer.encode(TRICKY_TEXTS[5])) == TRICKY_TEXTS[5]
+        assert tokenizer.decode(tokenizer.encode(TRICKY_TEXTS[5], add_special_tokens=False)) == TRICKY_TEXTS[5]
 
 
 def test_save_and_autotokenizer_load_round_trip(tmp_path, tiny_corpus):
@@ -188,9 +191,9 @@ def test_save_and_autotokenizer_load_round_trip(tmp_path, tiny_corpus):
     assert loaded.model_max_length == 128
     assert loaded.clean_up_tokenization_spaces is False
     texts = TRICKY_TEXTS + tiny_corpus[:20]
-    assert loaded(texts)["input_ids"] == tokenizer(texts)["input_ids"]
+    assert loaded(texts)["input_ids"] == tokenizer(texts)["input_ids"]  # BOS first in both
     for text in texts:
-        assert loaded.decode(loaded.encode(text)) == text
+        assert loaded.decode(loaded.encode(text, add_special_tokens=False)) == text
     assert (loaded.apply_chat_template(CONVERSATION, return_assistant_tokens_mask=True, return_dict=True)
             == tokenizer.apply_chat_template(CONVERSATION, return_assistant_tokens_mask=True, return_dict=True))
 

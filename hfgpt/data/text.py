@@ -59,6 +59,17 @@ def start_texts_with_bos(tokenizer) -> None:
                          "--add_bos_token false to classify texts as they are.")
 
 
+def texts_without_bos(tokenizer) -> None:
+    """Make `tokenizer` encode texts as they are, with no BOS first (hfgpt's own tokenizers add it: their
+    `add_bos_token` is on)."""
+    if tokenizer.bos_token_id is None or tokenizer("x")["input_ids"][:1] != [tokenizer.bos_token_id]:
+        return
+    tokenizer.add_bos_token = False
+    if tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        raise ValueError(f"Could not stop the {type(tokenizer).__name__} tokenizer from adding its BOS token (its "
+                         "post-processor adds it whatever add_bos_token says).")
+
+
 def tokenize_documents(dataset, tokenizer, text_column: str = "text", num_proc: int | None = None,
                        batch_size: int = 1000):
     """Tokenize every row of `text_column` into `input_ids` = [EOS] + tokens, dropping all other columns.
@@ -174,5 +185,6 @@ __all__ = [
     "pack_blocks",
     "pack_token_stream",
     "start_texts_with_bos",
+    "texts_without_bos",
     "tokenize_documents",
 ]

@@ -43,7 +43,7 @@ from transformers import (
 from .. import files
 from ..data.labels import LABEL_ID_COLUMN, label_mappings, load_labelled_datasets
 from ..data.sources import TRAIN_SPLIT, VALIDATION_SPLIT, DataError, split_file_list
-from ..data.text import start_texts_with_bos
+from ..data.text import start_texts_with_bos, texts_without_bos
 from .common import (
     MatrixWeightDecayMixin,
     check_mixed_precision,
@@ -249,6 +249,8 @@ def load_tokenizer(args: ClassificationArguments):
     tokenizer.padding_side = "right"
     if args.add_bos_token:
         start_texts_with_bos(tokenizer)
+    else:
+        texts_without_bos(tokenizer)
     return tokenizer
 
 
