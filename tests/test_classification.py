@@ -215,7 +215,7 @@ def test_classify_full_end_to_end(base_dir, tmp_path):
 def test_texts_start_with_bos_as_pretraining_documents_do(base_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from hfgpt.training.classification import start_texts_with_bos
+    from hfgpt.data.text import set_text_start_bos
 
     train = _write_rows(tmp_path / "train.tsv", _toy_rows(40))
     for flag, expect_bos in ((["--add_bos_token", "false"], False), ([], True)):
@@ -227,7 +227,7 @@ def test_texts_start_with_bos_as_pretraining_documents_do(base_dir, tmp_path):
         assert (ids[0] == tokenizer.bos_token_id) == expect_bos, ids
         summary = json.loads((out / "training_summary.json").read_text())
         assert summary["add_bos_token"] == expect_bos
-    start_texts_with_bos(tokenizer)  # already adds it: not twice
+    set_text_start_bos(tokenizer, True)  # already adds it: not twice
     assert tokenizer("see you at lunch")["input_ids"] == ids
 
 

@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from hfgpt import HFGPTConfig, HFGPTForCausalLM, files
 from transformers import TrainingArguments
 from transformers.trainer_callback import TrainerControl, TrainerState
 
+from hfgpt import HFGPTConfig, HFGPTForCausalLM, files
 from hfgpt.training.common import (
     NonFiniteTrainingError,
     StopOnNonFiniteWeights,

@@ -37,37 +37,34 @@ def document_separator_id(tokenizer) -> int:
     return token_id
 
 
-def start_texts_with_bos(tokenizer) -> None:
-    """Make `tokenizer` put BOS before every text, unless it already does: for models pretrained here, whose position
-    0 has only ever held the document separator (a classifier fed bare texts sees its first word there instead; full
-    fine-tuning can re-learn that position, LoRA with its frozen embeddings cannot: README, Benchmarks).
+def set_text_start_bos(tokenizer, bos: bool) -> None:
+    """Make `tokenizer` put BOS before every text (`bos=True`) or encode texts as they are, through transformers'
+    `add_bos_token` (kept by save_pretrained). hfgpt's own tokenizers already start with it on: pretraining puts the
+    document separator before every document, so position 0 has only ever held it (a classifier fed bare texts sees
+    its first word there instead; full fine-tuning can re-learn that position, LoRA with its frozen embeddings
+    cannot: README, Benchmarks). Other tokenizers (GPT-2's) get it switched on here.
 
-    transformers' `add_bos_token` can add only the BOS token, so this matches pretraining where BOS is the separator
-    (hfgpt's and GPT-2's `<|endoftext|>` is both); where it is not, it says so."""
+    `add_bos_token` can add only the BOS token, so this matches pretraining where BOS is the separator (hfgpt's and
+    GPT-2's `<|endoftext|>` is both); where it is not, it says so."""
     if tokenizer.bos_token_id is None:
-        logger.warning("The tokenizer has no BOS token: texts are classified as they are.")
+        if bos:
+            logger.warning("The tokenizer has no BOS token: texts are encoded as they are.")
         return
-    if tokenizer.eos_token_id is not None and tokenizer.bos_token_id != document_separator_id(tokenizer):
+    if bos and tokenizer.eos_token_id is not None and tokenizer.bos_token_id != document_separator_id(tokenizer):
         logger.warning("The tokenizer's BOS token %r is not the document separator %r that hfgpt's pretraining puts "
                        "before every document; texts start with BOS all the same.", tokenizer.bos_token,
                        tokenizer.eos_token)
-    if tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
-        return
-    tokenizer.add_bos_token = True  # transformers rewrites the post-processor, which save_pretrained keeps
-    if tokenizer("x")["input_ids"][:1] != [tokenizer.bos_token_id]:
-        raise ValueError(f"Could not make the {type(tokenizer).__name__} tokenizer add its BOS token; pass "
-                         "--add_bos_token false to classify texts as they are.")
 
+    def starts_with_bos() -> bool:
+        return tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
 
-def texts_without_bos(tokenizer) -> None:
-    """Make `tokenizer` encode texts as they are, with no BOS first (hfgpt's own tokenizers add it: their
-    `add_bos_token` is on)."""
-    if tokenizer.bos_token_id is None or tokenizer("x")["input_ids"][:1] != [tokenizer.bos_token_id]:
+    if starts_with_bos() == bos:
         return
-    tokenizer.add_bos_token = False
-    if tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
-        raise ValueError(f"Could not stop the {type(tokenizer).__name__} tokenizer from adding its BOS token (its "
-                         "post-processor adds it whatever add_bos_token says).")
+    tokenizer.add_bos_token = bos  # transformers rewrites the post-processor
+    if starts_with_bos() != bos:
+        raise ValueError(f"Could not make the {type(tokenizer).__name__} tokenizer {'add' if bos else 'leave out'} its "
+                         f"BOS token (its post-processor decides, whatever add_bos_token says); pass --add_bos_token "
+                         f"{'false' if bos else 'true'} to use it as it is.")
 
 
 def tokenize_documents(dataset, tokenizer, text_column: str = "text", num_proc: int | None = None,
@@ -184,7 +181,6 @@ __all__ = [
     "document_separator_id",
     "pack_blocks",
     "pack_token_stream",
-    "start_texts_with_bos",
-    "texts_without_bos",
+    "set_text_start_bos",
     "tokenize_documents",
 ]

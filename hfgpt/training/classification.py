@@ -43,7 +43,7 @@ from transformers import (
 from .. import files
 from ..data.labels import LABEL_ID_COLUMN, label_mappings, load_labelled_datasets
 from ..data.sources import TRAIN_SPLIT, VALIDATION_SPLIT, DataError, split_file_list
-from ..data.text import start_texts_with_bos, texts_without_bos
+from ..data.text import set_text_start_bos
 from .common import (
     MatrixWeightDecayMixin,
     check_mixed_precision,
@@ -247,10 +247,7 @@ def load_tokenizer(args: ClassificationArguments):
     tokenizer = load(args.tokenizer_name_or_path or args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = "right"
-    if args.add_bos_token:
-        start_texts_with_bos(tokenizer)
-    else:
-        texts_without_bos(tokenizer)
+    set_text_start_bos(tokenizer, args.add_bos_token)
     return tokenizer
 
 

@@ -160,14 +160,13 @@ class StopOnNonFiniteWeights(TrainerCallback):
     """Stops a run whose weights have gone NaN or inf, with an error saying what to do, instead of training on for
     hours and saving a model that outputs nothing but NaN. Trainer's `logging_nan_inf_filter` keeps non-finite
     losses out of the logged loss, so the logged gradient norm is watched too; when a watched value is not finite,
-    or there is no gradient norm (`max_grad_norm 0`), the weights themselves decide (an fp16 step the loss scaler
+    or a training log has no gradient norm to go by, the weights themselves decide (an fp16 step the loss scaler
     skipped has an inf gradient norm but finite weights, and goes on)."""
 
     watched = ("loss", "grad_norm", "eval_loss")
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         logs = logs or {}
-        logged = {key: logs.get(key) for key in ("loss", "grad_norm")}
         values = [logs[key] for key in self.watched if isinstance(logs.get(key), (int, float))]
         no_gradient_norm = "loss" in logs and "grad_norm" not in logs
         if model is None or (all(map(math.isfinite, values)) and not no_gradient_norm):
@@ -178,7 +177,7 @@ class StopOnNonFiniteWeights(TrainerCallback):
         checkpoint = last_complete_checkpoint(args.output_dir)
         raise NonFiniteTrainingError(
             f"Training diverged by step {state.global_step}: the model's weights hold NaN or inf (last logged loss "
-            f"{logged['loss']}, gradient norm {logged['grad_norm']}, learning rate {logs.get('learning_rate')})."
+            f"{logs.get('loss')}, gradient norm {logs.get('grad_norm')}, learning rate {logs.get('learning_rate')})."
             f" The run is stopped and this model is not saved. Try a lower --learning_rate, more --warmup_steps, "
             f"--max_grad_norm 1.0" + (f", or fp32 instead of {precision}" if precision else "") + ". "
             + (f"The newest checkpoint, {checkpoint}, was saved before this log; resume from it only if its step is "
