@@ -112,6 +112,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab_size", type=int, default=2048,
                         help="The BPE vocabulary trained for pretraining. 1,024 led over six development folds on a "
                              "GPU but tied on the CPU and lost on the held-out pairs (bench/alignment_experiments.md).")
+    parser.add_argument("--config_overrides", default="hidden_size=256,num_hidden_layers=4,num_attention_heads=4",
+                        help="The model: the `small` preset with these overrides (hfgpt pretrain's flag).")
     parser.add_argument("--sft_epochs", type=float, default=3.0)
     parser.add_argument("--dpo_epochs", type=float, default=2.0)
     parser.add_argument("--sft_learning_rate", type=float, default=1e-3)
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
     if args.quick:
         instructions_held, preferences_held = instructions_held[:8], preferences_held[:8]
     steps = {"max_steps": 3} if args.quick else {}
-    settings = {"vocab_size": args.vocab_size, "model": "hidden_size=256,num_hidden_layers=4,num_attention_heads=4",
+    settings = {"vocab_size": args.vocab_size, "model": args.config_overrides,
                 "pretrain_epochs": args.pretrain_epochs, "max_steps": 3 if args.quick else -1, "quiet": False}
     generation = GenerationSettings(max_new_tokens=64, batch_size=20)
     timings = {}

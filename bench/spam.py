@@ -20,6 +20,11 @@ Steps (each a separate `hfgpt` process, so its wall time and peak memory are its
    and every run in it. The default, `--soup 1`, is one run per mode (a soup of 3 was no better here: README).
 4. Print held-out accuracy, spam precision / recall / F1, wall time and CPU time per step, and save it all as JSON.
    A mode's wall time is that of all its runs and the averaging (what the 15-minute budget is about).
+5. With `--label_counts 100,200,...`, a label-efficiency curve: the pretrained model (full fine-tuning) and the
+   from-nothing baseline fine-tuned on only the first N labelled training messages (the file is shuffled, so they are
+   a random sample), and on all of them, each for as many optimizer steps as a run on all messages, at
+   `--label_curve_seeds` seeds; pretraining still reads the text of every training message (unlabelled text is cheap,
+   labels are not). Prints the table and plots it to label_curve.png.
 
 The machine may be shared: the table gives each step's CPU time / wall time and the load average, so contention is
 visible next to the timings.
@@ -28,6 +33,7 @@ visible next to the timings.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -96,11 +102,24 @@ def parse_args(argv=None):
     parser.add_argument("--soup", type=int, default=1,
                         help="Runs per mode (seeds seed .. seed+K-1) whose weights are averaged into the scored model "
                              "(a model soup); 1: a single run, no averaging.")
+    parser.add_argument("--label_counts", default="",
+                        help="Comma-separated numbers of labelled training messages (e.g. 100,200,400,800): also "
+                             "fine-tune the pretrained model (full) and the from-nothing baseline on only that many, "
+                             "and on all, and plot held-out accuracy / F1 against the count (label_curve.png).")
+    parser.add_argument("--label_curve_seeds", type=int, default=2, help="Runs per point of the label curve.")
     parser.add_argument("--jobs", type=int, default=2,
                         help="Runs of one mode trained at the same time (each with --threads threads).")
     args = parser.parse_args(argv)
-    if args.soup < 1 or args.jobs < 1:
-        parser.error("--soup and --jobs must be at least 1.")
+    if args.soup < 1 or args.jobs < 1 or args.label_curve_seeds < 1:
+        parser.error("--soup, --jobs and --label_curve_seeds must be at least 1.")
+    try:
+        args.label_counts = sorted({int(count) for count in args.label_counts.split(",") if count.strip()})
+    except ValueError:
+        parser.error(f"--label_counts: expected comma-separated whole numbers, got {args.label_counts!r}.")
+    if any(count < 1 for count in args.label_counts):
+        parser.error("--label_counts: every count must be at least 1.")
+    if args.label_counts and args.skip_baseline:
+        parser.error("--label_counts compares against the from-nothing baseline: drop --skip_baseline.")
     args.modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     unknown = sorted(set(args.modes) - set(MODES))
     if unknown:
@@ -203,9 +222,10 @@ def random_init_copy(pretrained: Path, target: Path, seed: int) -> None:
 
 
 def classify(args, name: str, model_dir: Path, data_dir: Path, output_dir: Path, log_dir: Path,
-             extra: list[str], epochs: float, seed: int) -> dict:
+             extra: list[str], epochs: float, seed: int, train_file: Path | None = None) -> dict:
     step = run_step(name, [
-        "classify", "--model_name_or_path", str(model_dir), "--train_file", str(data_dir / "train.jsonl"),
+        "classify", "--model_name_or_path", str(model_dir),
+        "--train_file", str(train_file or data_dir / "train.jsonl"),
         "--validation_file", str(data_dir / "heldout.jsonl"), "--class_names", "ham,spam",
         "--num_train_epochs", str(epochs), "--per_device_train_batch_size", str(args.batch_size),
         "--output_dir", str(output_dir), "--overwrite_output_dir", "--save_strategy", "no", "--report_to", "none",
@@ -269,6 +289,84 @@ def classify_soup(args, name: str, model_dir: Path, data_dir: Path, output_dir: 
     return soup, {f"seed {seed}": run for seed, run in runs.items()}
 
 
+def label_curve(args, train_rows: int, starts: dict[str, tuple[str, Path, list[str]]], data_dir: Path,
+                output_dir: Path, log_dir: Path) -> dict:
+    """Fine-tune each start (short name -> (display name, model dir, classify flags)) on the first N training
+    messages for every N of --label_counts and on all of them, at --label_curve_seeds seeds, each run as many
+    optimizer steps as one on all messages (no evaluation before the end). Returns the counts, the seeds, each
+    subset's spam count and {display name: {N: [row per seed]}}."""
+    from hfgpt.files import write_jsonl
+
+    training = read_rows(data_dir / "train.jsonl")
+    counts = sorted({count for count in args.label_counts if count < train_rows} | {train_rows})
+    subsets = {count: data_dir / f"train_first{count}.jsonl" for count in counts}
+    for count, path in subsets.items():
+        write_jsonl(path, training[:count])
+    seeds = [args.seed + index for index in range(args.label_curve_seeds)]
+    steps = math.ceil(math.ceil(train_rows / args.batch_size) * args.epochs)  # those of a run on every message
+
+    def run(start: str, count: int, seed: int) -> dict:
+        _, model_dir, flags = starts[start]
+        name = f"{start}_labels{count}_seed{seed}"
+        return classify(args, name, model_dir, data_dir, output_dir / "label_curve" / name, log_dir,
+                        [*flags, "--eval_strategy", "no", "--max_steps", str(steps)], args.epochs, seed,
+                        train_file=subsets[count])
+
+    jobs = [(start, count, seed) for count in counts for start in starts for seed in seeds]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        rows = dict(zip(jobs, pool.map(lambda job: run(*job), jobs)))
+    return {"counts": counts, "seeds": seeds,
+            "spam": {count: sum(row["label"] == "spam" for row in training[:count]) for count in counts},
+            "runs": {display: {count: [rows[start, count, seed] for seed in seeds] for count in counts}
+                     for start, (display, _, _) in starts.items()}}
+
+
+def print_label_curve(curve: dict) -> None:
+    names = list(curve["runs"])
+    print(f"\nHeld-out accuracy / spam F1 (mean over seeds {', '.join(map(str, curve['seeds']))}) and errors at "
+          f"each seed, by the number of labelled training messages fine-tuning saw:")
+    header = f"{'labelled':>8} {'spam':>5}" + "".join(f"  {name:>34}" for name in names)
+    print(header + "\n" + "-" * len(header))
+    for count in curve["counts"]:
+        cells = []
+        for name in names:
+            runs = curve["runs"][name][count]
+            accuracy = sum(run["accuracy"] for run in runs) / len(runs)
+            f1 = sum(run["spam_f1"] for run in runs) / len(runs)
+            errors = " / ".join(str(run["errors"]) for run in runs)
+            cells.append(f"  {f'{accuracy:.2%} / {f1:.3f} ({errors})':>34}")
+        print(f"{count:>8} {curve['spam'][count]:>5}" + "".join(cells))
+
+
+def plot_label_curve(curve: dict, path: Path) -> Path:
+    """Held-out accuracy and spam F1 against the number of labelled messages: one line (the mean) per start, a dot
+    per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110)
+    for panel, (metric, label) in zip(axes, (("accuracy", "held-out accuracy (%)"), ("spam_f1", "spam F1"))):
+        scale = 100 if metric == "accuracy" else 1
+        for name, by_count in curve["runs"].items():
+            counts = curve["counts"]
+            means = [scale * sum(run[metric] for run in by_count[count]) / len(by_count[count]) for count in counts]
+            (line,) = panel.plot(counts, means, "o-", label=name, linewidth=1.5, markersize=4)
+            dots = [(count, scale * run[metric]) for count in counts for run in by_count[count]]
+            panel.plot(*zip(*dots), ".", color=line.get_color(), alpha=0.5)
+        panel.set_xscale("log")
+        panel.set_xlabel("labelled training messages")
+        panel.set_ylabel(label)
+        panel.grid(alpha=0.3)
+    axes[0].legend()
+    figure.suptitle("SMS spam: fine-tuning with fewer labels (held-out messages)")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
 def print_table(results: dict, split: dict) -> None:
     heldout = split["heldout"]
     print(f"\nHeld-out messages: {heldout['rows']} ({heldout['spam']} spam); training messages: "
@@ -310,14 +408,13 @@ def main(argv=None) -> int:
         results["pretrain"]["eval_loss"] = summary["final_metrics"].get("eval_loss")
 
     runs, members = {}, {}
+    baseline_dir = output_dir / "from_nothing_init"
+    baseline_flags = ["--learning_rate", str(args.baseline_learning_rate)]
     if not args.skip_baseline:
-        baseline_dir = output_dir / "from_nothing_init"
         random_init_copy(pretrained, baseline_dir, args.seed)
         name = "from nothing (full)"
         runs[name], members[name] = classify_soup(args, "from_nothing", baseline_dir, data_dir,
-                                                  output_dir / "from_nothing", log_dir,
-                                                  ["--learning_rate", str(args.baseline_learning_rate)],
-                                                  args.epochs)
+                                                  output_dir / "from_nothing", log_dir, baseline_flags, args.epochs)
     lora = ["--lora_r", str(args.lora_r), "--lora_alpha", str(args.lora_alpha),
             *(["--use_dora"] if args.use_dora else []), *(["--use_rslora"] if args.use_rslora else []),
             *(["--lora_modules_to_save", args.lora_modules_to_save] if args.lora_modules_to_save else [])]
@@ -330,7 +427,15 @@ def main(argv=None) -> int:
                                                   extra[mode], args.epochs if mode == "full" else args.lora_epochs)
     results["soup_members"] = {name: rows for name, rows in members.items() if rows}
     results["runs"] = runs
+    if args.label_counts:
+        results["label_curve"] = label_curve(
+            args, split["train"]["rows"],
+            {"from_nothing": ("from nothing (full)", baseline_dir, baseline_flags),
+             "full": ("pretrained + full", pretrained, extra["full"])}, data_dir, output_dir, log_dir)
     print_table(results, split)
+    if args.label_counts:
+        print_label_curve(results["label_curve"])
+        print(f"\nPlot: {plot_label_curve(results['label_curve'], output_dir / 'label_curve.png')}")
     path = output_dir / "results.json"
     write_json(path, results)
     print(f"\nSaved {path}")

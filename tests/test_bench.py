@@ -79,7 +79,8 @@ def test_spam_bench_every_mode(tmp_path):
                     else f"ham\t{sentence(rng, 16)}\n")
     out = run_bench("spam.py", "--data", str(tmp_path / "spam.tsv"), "--output_dir", str(tmp_path / "run"),
                     "--vocab_size", "300", "--config_overrides", "num_hidden_layers=1,hidden_size=32,num_attention_heads=2",
-                    "--pretrain_epochs", "1", "--epochs", "1", "--lora_epochs", "1", "--threads", "1")
+                    "--pretrain_epochs", "1", "--epochs", "1", "--lora_epochs", "1", "--threads", "1",
+                    "--label_counts", "50", "--label_curve_seeds", "1")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     runs = results["runs"]
     assert set(runs) == {"from nothing (full)", "pretrained + full", "pretrained + lora", "pretrained + qlora"}
@@ -89,6 +90,18 @@ def test_spam_bench_every_mode(tmp_path):
         assert [entry["epoch"] for entry in run["per_epoch"]] == [1.0]
     assert runs["pretrained + lora"]["trainable_parameters"] < runs["pretrained + full"]["trainable_parameters"]
     assert runs["pretrained + qlora"]["linear_bytes"] < 0.35 * runs["pretrained + qlora"]["linear_fp32_bytes"]
+
+    curve = results["label_curve"]  # 50 labelled messages, and all 400 training messages
+    assert curve["counts"] == [50, 400] and curve["spam"] == {"50": 10, "400": 80}
+    for name in ("from nothing (full)", "pretrained + full"):
+        assert [len(curve["runs"][name][count]) for count in ("50", "400")] == [1, 1]
+    assert "labelled" in out and "label_curve.png" in out
+    # the same number of optimizer steps at every count: 1 epoch of 400 (25 batches of 16) = 6.25 epochs of 50
+    logs = tmp_path / "run" / "label_curve"
+    steps = [json.loads((logs / f"full_labels{count}_seed42" / "training_summary.json").read_text())
+             ["final_metrics"]["global_step"] for count in (50, 400)]
+    assert steps[0] == steps[1] > 0
+    assert (tmp_path / "run" / "label_curve.png").stat().st_size > 10_000
 
 
 def test_shakespeare_bench_one_configuration(tmp_path):
