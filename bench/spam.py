@@ -321,6 +321,10 @@ def label_curve(args, train_rows: int, starts: dict[str, tuple[str, Path, list[s
                      for start, (display, _, _) in starts.items()}}
 
 
+def mean_of(runs: list[dict], metric: str) -> float:
+    return sum(run[metric] for run in runs) / len(runs)
+
+
 def print_label_curve(curve: dict) -> None:
     names = list(curve["runs"])
     print(f"\nHeld-out accuracy / spam F1 (mean over seeds {', '.join(map(str, curve['seeds']))}) and errors at "
@@ -331,10 +335,9 @@ def print_label_curve(curve: dict) -> None:
         cells = []
         for name in names:
             runs = curve["runs"][name][count]
-            accuracy = sum(run["accuracy"] for run in runs) / len(runs)
-            f1 = sum(run["spam_f1"] for run in runs) / len(runs)
-            errors = " / ".join(str(run["errors"]) for run in runs)
-            cells.append(f"  {f'{accuracy:.2%} / {f1:.3f} ({errors})':>34}")
+            cell = (f"{mean_of(runs, 'accuracy'):.2%} / {mean_of(runs, 'spam_f1'):.3f} "
+                    f"({' / '.join(str(run['errors']) for run in runs)})")
+            cells.append(f"  {cell:>34}")
         print(f"{count:>8} {curve['spam'][count]:>5}" + "".join(cells))
 
 
@@ -351,11 +354,13 @@ def plot_label_curve(curve: dict, path: Path) -> Path:
         scale = 100 if metric == "accuracy" else 1
         for name, by_count in curve["runs"].items():
             counts = curve["counts"]
-            means = [scale * sum(run[metric] for run in by_count[count]) / len(by_count[count]) for count in counts]
+            means = [scale * mean_of(by_count[count], metric) for count in counts]
             (line,) = panel.plot(counts, means, "o-", label=name, linewidth=1.5, markersize=4)
             dots = [(count, scale * run[metric]) for count in counts for run in by_count[count]]
             panel.plot(*zip(*dots), ".", color=line.get_color(), alpha=0.5)
         panel.set_xscale("log")
+        panel.set_xticks(curve["counts"], [str(count) for count in curve["counts"]])
+        panel.minorticks_off()
         panel.set_xlabel("labelled training messages")
         panel.set_ylabel(label)
         panel.grid(alpha=0.3)
