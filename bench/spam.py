@@ -20,11 +20,11 @@ Steps (each a separate `hfgpt` process, so its wall time and peak memory are its
    and every run in it. The default, `--soup 1`, is one run per mode (a soup of 3 was no better here: README).
 4. Print held-out accuracy, spam precision / recall / F1, wall time and CPU time per step, and save it all as JSON.
    A mode's wall time is that of all its runs and the averaging (what the 15-minute budget is about).
-5. With `--label_counts 100,200,...`, a label-efficiency curve: the pretrained model (full fine-tuning) and the
-   from-nothing baseline fine-tuned on only the first N labelled training messages (the file is shuffled, so they are
-   a random sample), and on all of them, each for as many optimizer steps as a run on all messages, at
-   `--label_curve_seeds` seeds; pretraining still reads the text of every training message (unlabelled text is cheap,
-   labels are not). Prints the table and plots it to label_curve.png.
+5. With `--label_counts 100,200,...`, a label-efficiency curve: the pretrained model in each of --modes and the
+   from-nothing baseline (unless --skip_baseline) fine-tuned on only the first N labelled training messages (the
+   file is shuffled, so they are a random sample), and on all of them, each for as many optimizer steps as that
+   mode's run on all messages, at `--label_curve_seeds` seeds; pretraining still reads the text of every training
+   message (unlabelled text is cheap, labels are not). Prints the table and plots it to label_curve.png.
 
 The machine may be shared: the table gives each step's CPU time / wall time and the load average, so contention is
 visible next to the timings.
@@ -104,8 +104,9 @@ def parse_args(argv=None):
                              "(a model soup); 1: a single run, no averaging.")
     parser.add_argument("--label_counts", default="",
                         help="Comma-separated numbers of labelled training messages (e.g. 100,200,400,800): also "
-                             "fine-tune the pretrained model (full) and the from-nothing baseline on only that many, "
-                             "and on all, and plot held-out accuracy / F1 against the count (label_curve.png).")
+                             "fine-tune the pretrained model (each of --modes) and the from-nothing baseline on only "
+                             "that many, and on all, and plot held-out accuracy / F1 against the count "
+                             "(label_curve.png).")
     parser.add_argument("--label_curve_seeds", type=int, default=2, help="Runs per point of the label curve.")
     parser.add_argument("--jobs", type=int, default=2,
                         help="Runs of one mode trained at the same time (each with --threads threads).")
@@ -118,8 +119,6 @@ def parse_args(argv=None):
         parser.error(f"--label_counts: expected comma-separated whole numbers, got {args.label_counts!r}.")
     if any(count < 1 for count in args.label_counts):
         parser.error("--label_counts: every count must be at least 1.")
-    if args.label_counts and args.skip_baseline:
-        parser.error("--label_counts compares against the from-nothing baseline: drop --skip_baseline.")
     args.modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     unknown = sorted(set(args.modes) - set(MODES))
     if unknown:
@@ -289,12 +288,12 @@ def classify_soup(args, name: str, model_dir: Path, data_dir: Path, output_dir: 
     return soup, {f"seed {seed}": run for seed, run in runs.items()}
 
 
-def label_curve(args, train_rows: int, starts: dict[str, tuple[str, Path, list[str]]], data_dir: Path,
+def label_curve(args, train_rows: int, starts: dict[str, tuple[str, Path, list[str], float]], data_dir: Path,
                 output_dir: Path, log_dir: Path) -> dict:
-    """Fine-tune each start (short name -> (display name, model dir, classify flags)) on the first N training
-    messages for every N of --label_counts and on all of them, at --label_curve_seeds seeds, each run as many
-    optimizer steps as one on all messages (no evaluation before the end). Returns the counts, the seeds, each
-    subset's spam count and {display name: {N: [row per seed]}}."""
+    """Fine-tune each start (short name -> (display name, model dir, classify flags, epochs on all messages)) on the
+    first N training messages for every N of --label_counts and on all of them, at --label_curve_seeds seeds, each
+    run as many optimizer steps as those epochs on all messages (no evaluation before the end). Returns the counts,
+    the seeds, each subset's spam count and {display name: {N: [row per seed]}}."""
     from hfgpt.files import write_jsonl
 
     training = read_rows(data_dir / "train.jsonl")
@@ -303,13 +302,13 @@ def label_curve(args, train_rows: int, starts: dict[str, tuple[str, Path, list[s
     for count, path in subsets.items():
         write_jsonl(path, training[:count])
     seeds = [args.seed + index for index in range(args.label_curve_seeds)]
-    steps = math.ceil(math.ceil(train_rows / args.batch_size) * args.epochs)  # those of a run on every message
 
     def run(start: str, count: int, seed: int) -> dict:
-        _, model_dir, flags = starts[start]
+        _, model_dir, flags, epochs = starts[start]
+        steps = math.ceil(math.ceil(train_rows / args.batch_size) * epochs)  # those of a run on every message
         name = f"{start}_labels{count}_seed{seed}"
         return classify(args, name, model_dir, data_dir, output_dir / "label_curve" / name, log_dir,
-                        [*flags, "--eval_strategy", "no", "--max_steps", str(steps)], args.epochs, seed,
+                        [*flags, "--eval_strategy", "no", "--max_steps", str(steps)], epochs, seed,
                         train_file=subsets[count])
 
     jobs = [(start, count, seed) for count in counts for start in starts for seed in seeds]
@@ -318,7 +317,7 @@ def label_curve(args, train_rows: int, starts: dict[str, tuple[str, Path, list[s
     return {"counts": counts, "seeds": seeds,
             "spam": {count: sum(row["label"] == "spam" for row in training[:count]) for count in counts},
             "runs": {display: {count: [rows[start, count, seed] for seed in seeds] for count in counts}
-                     for start, (display, _, _) in starts.items()}}
+                     for start, (display, *_) in starts.items()}}
 
 
 def mean_of(runs: list[dict], metric: str) -> float:
@@ -426,17 +425,18 @@ def main(argv=None) -> int:
     extra = {"full": ["--learning_rate", str(args.learning_rate)],
              "lora": ["--lora", *lora, "--learning_rate", str(args.lora_learning_rate)],
              "qlora": ["--qlora", *lora, "--learning_rate", str(args.lora_learning_rate)]}
+    epochs = {"full": args.epochs, "lora": args.lora_epochs, "qlora": args.lora_epochs}
     for mode in args.modes:
         name = f"pretrained + {mode}"
         runs[name], members[name] = classify_soup(args, mode, pretrained, data_dir, output_dir / mode, log_dir,
-                                                  extra[mode], args.epochs if mode == "full" else args.lora_epochs)
+                                                  extra[mode], epochs[mode])
     results["soup_members"] = {name: rows for name, rows in members.items() if rows}
     results["runs"] = runs
     if args.label_counts:
-        results["label_curve"] = label_curve(
-            args, split["train"]["rows"],
-            {"from_nothing": ("from nothing (full)", baseline_dir, baseline_flags),
-             "full": ("pretrained + full", pretrained, extra["full"])}, data_dir, output_dir, log_dir)
+        starts = {} if args.skip_baseline else {
+            "from_nothing": ("from nothing (full)", baseline_dir, baseline_flags, args.epochs)}
+        starts.update({mode: (f"pretrained + {mode}", pretrained, extra[mode], epochs[mode]) for mode in args.modes})
+        results["label_curve"] = label_curve(args, split["train"]["rows"], starts, data_dir, output_dir, log_dir)
     print_table(results, split)
     if args.label_counts:
         print_label_curve(results["label_curve"])

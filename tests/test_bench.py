@@ -70,17 +70,23 @@ def test_alignment_bench_quick(tmp_path):
         assert (tmp_path / "run" / stage / "model.safetensors").exists()
 
 
-def test_spam_bench_every_mode(tmp_path):
+def spam_file(path):
     rng = random.Random(0)
-    with open(tmp_path / "spam.tsv", "w") as f:
+    with open(path, "w") as f:
         f.write("label\ttext\n")
         for i in range(500):
             f.write(f"spam\tWIN a FREE prize now call 0800 {sentence(rng, 12)}\n" if i % 5 == 0
                     else f"ham\t{sentence(rng, 16)}\n")
-    out = run_bench("spam.py", "--data", str(tmp_path / "spam.tsv"), "--output_dir", str(tmp_path / "run"),
-                    "--vocab_size", "300", "--config_overrides", "num_hidden_layers=1,hidden_size=32,num_attention_heads=2",
-                    "--pretrain_epochs", "1", "--epochs", "1", "--lora_epochs", "1", "--threads", "1",
-                    "--label_counts", "50", "--label_curve_seeds", "1")
+    return path
+
+
+TINY_SPAM_BENCH = ("--vocab_size", "300", "--config_overrides", "num_hidden_layers=1,hidden_size=32,num_attention_heads=2",
+                   "--pretrain_epochs", "1", "--epochs", "1", "--lora_epochs", "1", "--threads", "1")
+
+
+def test_spam_bench_every_mode(tmp_path):
+    out = run_bench("spam.py", "--data", str(spam_file(tmp_path / "spam.tsv")), "--output_dir", str(tmp_path / "run"),
+                    *TINY_SPAM_BENCH)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     runs = results["runs"]
     assert set(runs) == {"from nothing (full)", "pretrained + full", "pretrained + lora", "pretrained + qlora"}
@@ -90,17 +96,25 @@ def test_spam_bench_every_mode(tmp_path):
         assert [entry["epoch"] for entry in run["per_epoch"]] == [1.0]
     assert runs["pretrained + lora"]["trainable_parameters"] < runs["pretrained + full"]["trainable_parameters"]
     assert runs["pretrained + qlora"]["linear_bytes"] < 0.35 * runs["pretrained + qlora"]["linear_fp32_bytes"]
+    assert "label_curve" not in results
 
-    curve = results["label_curve"]  # 50 labelled messages, and all 400 training messages
-    assert curve["counts"] == [50, 400] and curve["spam"] == {"50": 10, "400": 80}
-    for name in ("from nothing (full)", "pretrained + full"):
-        assert [len(curve["runs"][name][count]) for count in ("50", "400")] == [1, 1]
+
+def test_spam_bench_label_curve(tmp_path):
+    out = run_bench("spam.py", "--data", str(spam_file(tmp_path / "spam.tsv")), "--output_dir", str(tmp_path / "run"),
+                    *TINY_SPAM_BENCH, "--lora_epochs", "2", "--modes", "lora", "--label_counts", "50",
+                    "--label_curve_seeds", "1")
+    curve = json.loads((tmp_path / "run" / "results.json").read_text())["label_curve"]
+    assert curve["counts"] == [50, 400] and curve["spam"] == {"50": 10, "400": 80}  # 50 labelled, and all 400
+    assert set(curve["runs"]) == {"from nothing (full)", "pretrained + lora"}
+    for runs in curve["runs"].values():
+        assert [len(runs[count]) for count in ("50", "400")] == [1, 1]
     assert "labelled" in out and "label_curve.png" in out
-    # the same number of optimizer steps at every count: 1 epoch of 400 (25 batches of 16) = 6.25 epochs of 50
-    logs = tmp_path / "run" / "label_curve"
-    steps = [json.loads((logs / f"full_labels{count}_seed42" / "training_summary.json").read_text())
-             ["final_metrics"]["global_step"] for count in (50, 400)]
-    assert steps[0] == steps[1] > 0
+    # at every count, the optimizer steps of the mode's run on all 400 messages (25 batches of 16 an epoch)
+    def steps(start, count):
+        summary = tmp_path / "run" / "label_curve" / f"{start}_labels{count}_seed42" / "training_summary.json"
+        return json.loads(summary.read_text())["final_metrics"]["global_step"]
+    assert steps("from_nothing", 50) == steps("from_nothing", 400) == 25
+    assert steps("lora", 50) == steps("lora", 400) == 50
     assert (tmp_path / "run" / "label_curve.png").stat().st_size > 10_000
 
 
