@@ -59,7 +59,9 @@ def test_alignment_bench_quick(tmp_path):
             answer = sentence(rng, 8)
             f.write(json.dumps({"instruction": sentence(rng, 6), "input": "", "chosen": answer,
                                 "rejected": answer + " Duh, obviously."}) + "\n")
-    out = run_bench("alignment.py", "--quick", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "run"))
+    out = run_bench("alignment.py", "--quick", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "run"),
+                    "--config_overrides", "hidden_size=64,num_hidden_layers=2,num_attention_heads=2,"
+                                          "position_embedding_type=rope")
     for stage in ("before SFT", "after SFT", "after DPO"):
         row = next(line for line in out.splitlines() if line.startswith(stage)).split()
         assert all(0.0 <= float(value) <= 1.0 for value in row[-3:]), row
@@ -68,6 +70,8 @@ def test_alignment_bench_quick(tmp_path):
     assert len(pairs) == 4  # the last 10% of 40 pairs
     for stage in ("pretrained", "sft", "dpo"):
         assert (tmp_path / "run" / stage / "model.safetensors").exists()
+        config = json.loads((tmp_path / "run" / stage / "config.json").read_text())
+        assert (config["hidden_size"], config["position_embedding_type"]) == (64, "rope")  # --config_overrides
 
 
 def spam_file(path):
