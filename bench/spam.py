@@ -120,6 +120,8 @@ def parse_args(argv=None):
     if any(count < 1 for count in args.label_counts):
         parser.error("--label_counts: every count must be at least 1.")
     args.modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    if args.label_counts and args.skip_baseline and not args.modes:
+        parser.error("--label_counts with --skip_baseline and no --modes: the curve would have nothing to train.")
     unknown = sorted(set(args.modes) - set(MODES))
     if unknown:
         parser.error(f"--modes: unknown {unknown}; choose from {', '.join(MODES)}.")
