@@ -17,7 +17,8 @@ Steps (each a separate `hfgpt` process, so its wall time and peak memory are its
    head reads the last token's state (`--classifier_pooling mean`: the mean of the message's token states).
    With `--soup K`, each mode trains K runs from the same start with seeds seed .. seed+K-1 (two at a time with
    `--jobs 2`) and `hfgpt average` averages their weights into one model, a model soup; the table shows the soup
-   and every run in it. The default, `--soup 1`, is one run per mode (a soup of 3 was no better here: README).
+   and every run in it. The default, `--soup 1`, is one run per mode (a soup of 3 was no better here:
+   bench/spam_experiments.md).
 4. Print held-out accuracy, spam precision / recall / F1, wall time and CPU time per step, and save it all as JSON.
    A mode's wall time is that of all its runs and the averaging (what the 15-minute budget is about).
 5. With `--label_counts 100,200,...`, a label-efficiency curve: the pretrained model in each of --modes and the
@@ -76,15 +77,17 @@ def parse_args(argv=None):
     # fine-tuning
     parser.add_argument("--epochs", type=float, default=4.0, help="Full fine-tuning and the baseline.")
     parser.add_argument("--lora_epochs", type=float, default=10.0,
-                        help="LoRA and QLoRA: the adapters learn more slowly than full weights (see the README).")
+                        help="LoRA and QLoRA: the adapters learn more slowly than full weights "
+                             "(bench/spam_experiments.md).")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=2e-4,
                         help="Full fine-tuning of the pretrained model (2e-4 beat 5e-4 at every seed on a development "
-                             "split: README).")
+                             "split: bench/spam_experiments.md).")
     parser.add_argument("--baseline_learning_rate", type=float, default=5e-4,
                         help="The from-nothing baseline (random weights need the higher rate).")
     parser.add_argument("--lora_learning_rate", type=float, default=1e-3,
-                        help="LoRA and QLoRA. At 2e-3 both fell back to 'all ham' for epochs (see the README).")
+                        help="LoRA and QLoRA. At 2e-3 both fell back to 'all ham' for epochs "
+                             "(bench/spam_experiments.md).")
     parser.add_argument("--lora_r", type=int, default=16)
     parser.add_argument("--lora_alpha", type=float, default=32)
     parser.add_argument("--lora_modules_to_save", default="",
@@ -94,7 +97,7 @@ def parse_args(argv=None):
     parser.add_argument("--use_rslora", action="store_true", help="rsLoRA scaling in the LoRA and QLoRA modes.")
     parser.add_argument("--classifier_pooling", default="last", choices=("last", "mean"),
                         help="What the classification head reads, for every run: the last token's state or the mean "
-                             "of the message's token states (the README has runs of both).")
+                             "of the message's token states (bench/spam_experiments.md has runs of both).")
     parser.add_argument("--class_weights", default="balanced",
                         help="Passed to hfgpt classify for every run: 'balanced' weighs the loss by inverse class "
                              "frequency (13%% of the messages are spam); 'none' for the plain loss.")

@@ -42,7 +42,7 @@ def set_text_start_bos(tokenizer, bos: bool) -> None:
     `add_bos_token` (kept by save_pretrained). hfgpt's own tokenizers already start with it on: pretraining puts the
     document separator before every document, so position 0 has only ever held it (a classifier fed bare texts sees
     its first word there instead; full fine-tuning can re-learn that position, LoRA with its frozen embeddings
-    cannot: README, Benchmarks). Other tokenizers (GPT-2's) get it switched on here.
+    cannot: bench/spam_experiments.md). Other tokenizers (GPT-2's) get it switched on here.
 
     `add_bos_token` can add only the BOS token, so this matches pretraining where BOS is the separator (hfgpt's and
     GPT-2's `<|endoftext|>` is both); where it is not, it says so."""

@@ -437,7 +437,8 @@ def token_rewards(model, ref_model, tokenizer, row: dict, beta: float = 0.1) -> 
     rejected answer, beta * (log pi(token | prompt, answer so far) - log pi_ref(the same)), the answers rendered with
     the chat template as DPO renders them. Each answer's tokens sum to its reward in preference_pairs.jsonl (plain
     DPO weighting, no `ld_alpha`). The tokens show what the policy learned to like and dislike beyond the one
-    margin: a rude word's negative reward can be outweighed by formatting the policy learned to favour (README).
+    margin: a rude word's negative reward can be outweighed by formatting the policy learned to favour
+    (bench/alignment_experiments.md).
 
         rewards = token_rewards(policy, reference, tokenizer, {"instruction": ..., "chosen": ..., "rejected": ...})
         [(token, round(reward, 2)) for token, reward in rewards["rejected"]]
