@@ -48,6 +48,7 @@ from hfgpt.files import (EVAL_RESULTS, LOG_HISTORY_JSON, ROW_FILE_SUFFIXES, TRAI
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "sms_spam.tsv"
 MODES = ("full", "lora", "qlora")
+STEP_RECORD = "bench_step.json"  # in a finished step's output directory: its command and timings (--resume)
 
 
 def parse_args(argv=None):
@@ -101,6 +102,10 @@ def parse_args(argv=None):
     parser.add_argument("--class_weights", default="balanced",
                         help="Passed to hfgpt classify for every run: 'balanced' weighs the loss by inverse class "
                              "frequency (13%% of the messages are spam); 'none' for the plain loss.")
+    parser.add_argument("--lm_loss_weight", type=float, default=0.0,
+                        help="hfgpt classify's --lm_loss_weight for the pretrained model's runs (full, LoRA, QLoRA): "
+                             "its language-modelling loss on the messages, times this, added to the classification "
+                             "loss (GPT-1's auxiliary objective). 0: off.")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--soup", type=int, default=1,
                         help="Runs per mode (seeds seed .. seed+K-1) whose weights are averaged into the scored model "
@@ -113,6 +118,11 @@ def parse_args(argv=None):
     parser.add_argument("--label_curve_seeds", type=int, default=2, help="Runs per point of the label curve.")
     parser.add_argument("--jobs", type=int, default=2,
                         help="Runs of one mode trained at the same time (each with --threads threads).")
+    parser.add_argument("--resume", action="store_true",
+                        help="Reuse each finished step (pretraining, every fine-tuning run) whose output directory "
+                             f"records the same command ({STEP_RECORD}): rerun an interrupted bench with the same "
+                             "flags and --resume to go on where it stopped. It trusts that the data files and the "
+                             "code have not changed since.")
     args = parser.parse_args(argv)
     if args.soup < 1 or args.jobs < 1 or args.label_curve_seeds < 1:
         parser.error("--soup, --jobs and --label_curve_seeds must be at least 1.")
@@ -150,9 +160,19 @@ def step_output(path: Path):
     return read_json(path)
 
 
-def run_step(name: str, argv: list[str], log_dir: Path, threads: int | None) -> dict:
+def run_step(name: str, argv: list[str], log_dir: Path, threads: int | None, record_dir: Path | None = None,
+             resume: bool = False) -> dict:
     """Run `python -m hfgpt.cli ...` and time it: wall time, CPU time of that process, load average. Safe to call
-    from several threads at once (each step's CPU time is its own process's)."""
+    from several threads at once (each step's CPU time is its own process's). With `record_dir` (the step's output
+    directory), a finished step leaves its command and timings there (STEP_RECORD), and with `resume` a step whose
+    record holds the same command is not run again."""
+    record = record_dir / STEP_RECORD if record_dir else None
+    if record and record.is_file():
+        done = read_json(record)
+        if resume and done.get("argv") == argv:
+            print(f"\n== {name}: finished in an earlier run, reused (--resume): {record_dir}", flush=True)
+            return done["step"]
+        record.unlink()  # the directory is about to be rewritten: an interruption must not leave a stale record
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -175,6 +195,8 @@ def run_step(name: str, argv: list[str], log_dir: Path, threads: int | None) -> 
             "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2)}
     print(f"   {name} done in {wall / 60:.1f} min (CPU {cpu / 60:.1f} min, {cpu / wall:.2f} cores busy on average; "
           f"load average {step['load_average_before']} -> {step['load_average_after']})", flush=True)
+    if record:
+        write_json(record, {"argv": argv, "step": step})
     return step
 
 
@@ -209,7 +231,7 @@ def pretrain(args, data_dir: Path, model_dir: Path, log_dir: Path) -> dict:
         str(args.pretrain_batch_size), "--eval_steps", "0.25", "--save_steps", "0.5", "--logging_steps", "20",
         "--output_dir", str(model_dir), "--overwrite_output_dir", "--num_samples", "3", "--report_to", "none",
         "--seed", str(args.seed), "--disable_tqdm", "true",
-    ], log_dir, args.threads)
+    ], log_dir, args.threads, model_dir, args.resume)
 
 
 def random_init_copy(pretrained: Path, target: Path, seed: int) -> None:
@@ -236,7 +258,7 @@ def classify(args, name: str, model_dir: Path, data_dir: Path, output_dir: Path,
         "--seed", str(seed), "--disable_tqdm", "true", "--logging_steps", "20",
         "--classifier_pooling", args.classifier_pooling,
         *(["--class_weights", args.class_weights] if args.class_weights != "none" else []), *extra,
-    ], log_dir, args.threads)
+    ], log_dir, args.threads, output_dir, args.resume)
     summary = step_output(output_dir / TRAINING_SUMMARY)
     return {
         **step, **scores(output_dir), "seed": seed,
@@ -427,9 +449,10 @@ def main(argv=None) -> int:
     lora = ["--lora_r", str(args.lora_r), "--lora_alpha", str(args.lora_alpha),
             *(["--use_dora"] if args.use_dora else []), *(["--use_rslora"] if args.use_rslora else []),
             *(["--lora_modules_to_save", args.lora_modules_to_save] if args.lora_modules_to_save else [])]
-    extra = {"full": ["--learning_rate", str(args.learning_rate)],
-             "lora": ["--lora", *lora, "--learning_rate", str(args.lora_learning_rate)],
-             "qlora": ["--qlora", *lora, "--learning_rate", str(args.lora_learning_rate)]}
+    auxiliary = ["--lm_loss_weight", str(args.lm_loss_weight)] if args.lm_loss_weight else []
+    extra = {"full": ["--learning_rate", str(args.learning_rate), *auxiliary],
+             "lora": ["--lora", *lora, "--learning_rate", str(args.lora_learning_rate), *auxiliary],
+             "qlora": ["--qlora", *lora, "--learning_rate", str(args.lora_learning_rate), *auxiliary]}
     epochs = {"full": args.epochs, "lora": args.lora_epochs, "qlora": args.lora_epochs}
     for mode in args.modes:
         name = f"pretrained + {mode}"

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,7 +91,7 @@ TINY_SPAM_BENCH = ("--vocab_size", "300", "--config_overrides", "num_hidden_laye
 
 def test_spam_bench_every_mode(tmp_path):
     out = run_bench("spam.py", "--data", str(spam_file(tmp_path / "spam.tsv")), "--output_dir", str(tmp_path / "run"),
-                    *TINY_SPAM_BENCH)
+                    *TINY_SPAM_BENCH, "--lm_loss_weight", "0.5")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     runs = results["runs"]
     assert set(runs) == {"from nothing (full)", "pretrained + full", "pretrained + lora", "pretrained + qlora"}
@@ -101,6 +102,10 @@ def test_spam_bench_every_mode(tmp_path):
     assert runs["pretrained + lora"]["trainable_parameters"] < runs["pretrained + full"]["trainable_parameters"]
     assert runs["pretrained + qlora"]["linear_bytes"] < 0.35 * runs["pretrained + qlora"]["linear_fp32_bytes"]
     assert "label_curve" not in results
+    # the auxiliary LM loss reaches the pretrained model's runs, not the baseline's
+    for mode, weight in (("from_nothing", 0.0), ("full", 0.5), ("lora", 0.5), ("qlora", 0.5)):
+        summary = json.loads((tmp_path / "run" / mode / "training_summary.json").read_text())
+        assert summary["lm_loss_weight"] == weight, mode
 
 
 def test_spam_bench_label_curve(tmp_path):
@@ -120,6 +125,17 @@ def test_spam_bench_label_curve(tmp_path):
     assert steps("from_nothing", 50) == steps("from_nothing", 400) == 25
     assert steps("lora", 50) == steps("lora", 400) == 50
     assert (tmp_path / "run" / "label_curve.png").stat().st_size > 10_000
+
+    # interrupted after every step but one: --resume reruns only that one and gives the same curve
+    (tmp_path / "run" / "label_curve" / "lora_labels50_seed42" / "bench_step.json").unlink()
+    out = run_bench("spam.py", "--data", str(spam_file(tmp_path / "spam.tsv")), "--output_dir", str(tmp_path / "run"),
+                    *TINY_SPAM_BENCH, "--lora_epochs", "2", "--modes", "lora", "--label_counts", "50",
+                    "--label_curve_seeds", "1", "--resume")
+    assert re.findall(r"== (\S+): hfgpt", out) == ["lora_labels50_seed42"]
+    assert len(re.findall(r"reused \(--resume\)", out)) == 6  # pretrain, baseline, lora, 3 more curve runs
+    resumed = json.loads((tmp_path / "run" / "results.json").read_text())["label_curve"]
+    assert resumed["runs"]["from nothing (full)"] == curve["runs"]["from nothing (full)"]
+    assert resumed["runs"]["pretrained + lora"]["400"] == curve["runs"]["pretrained + lora"]["400"]
 
 
 def test_shakespeare_bench_one_configuration(tmp_path):

@@ -162,6 +162,44 @@ def test_gradient_accumulation_matches_one_large_batch(weighted, tmp_path):
     torch.testing.assert_close(updates[1], updates[0], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("class_weights", [None, torch.tensor([1.0, 3.0])])
+def test_lm_loss_weight_adds_the_causal_lm_loss_in_training_only(class_weights, tmp_path):
+    """--lm_loss_weight w: training loss = classification loss + w * the loss the causal LM with these weights gives
+    the same padded batch (padding ignored); evaluation reports the classification loss alone."""
+    from transformers import TrainingArguments
+
+    from hfgpt.training.classification import ClassificationTrainer
+
+    torch.manual_seed(0)
+    config = HFGPTConfig.from_preset("tiny", num_labels=2, pad_token_id=1)
+    classifier = HFGPTForSequenceClassification(config)
+    causal_lm = HFGPTForCausalLM(config)
+    causal_lm.load_state_dict(classifier.state_dict(), strict=False)  # the shared blocks; lm_head is tied to wte
+    input_ids = torch.randint(2, 512, (3, 7))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, 4:] = 0
+    attention_mask[2, 6:] = 0
+    input_ids = input_ids.masked_fill(attention_mask == 0, 1)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor([0, 1, 1])}
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    losses = {}
+    for weight in (0.0, 0.5):
+        trainer = ClassificationTrainer(model=classifier, args=args, lm_loss_weight=weight,
+                                        compute_loss_func=None if class_weights is None else WeightedCrossEntropy(class_weights))
+        with torch.no_grad():
+            classifier.train()
+            losses[weight] = trainer.compute_loss(classifier, dict(inputs)).item()
+            classifier.eval()
+            losses[weight, "eval"] = trainer.compute_loss(classifier, dict(inputs)).item()
+    with torch.no_grad():
+        causal_lm.train()  # the tiny preset has no dropout: train and eval give the same numbers
+        lm_loss = causal_lm(input_ids, attention_mask=attention_mask,
+                            labels=input_ids.masked_fill(attention_mask == 0, -100)).loss.item()
+    assert lm_loss > 1
+    assert losses[0.5] == pytest.approx(losses[0.0] + 0.5 * lm_loss, rel=1e-5)
+    assert losses[0.5, "eval"] == pytest.approx(losses[0.0, "eval"]) == pytest.approx(losses[0.0])
+
+
 # --- hfgpt classify ---------------------------------------------------------------------------------------------------
 
 
@@ -232,6 +270,7 @@ def test_texts_start_with_bos_as_pretraining_documents_do(base_dir, tmp_path):
 
 
 def test_classify_qlora_end_to_end(base_dir, tmp_path):
+    """QLoRA with gradient checkpointing and the auxiliary LM loss: the adapter path of every classify option."""
     from peft import PeftConfig
     from transformers import AutoModelForSequenceClassification
 
@@ -239,9 +278,10 @@ def test_classify_qlora_end_to_end(base_dir, tmp_path):
     out = tmp_path / "out"
     assert _run(["--model_name_or_path", base_dir, "--train_file", str(train), "--validation_split_percentage", "20",
                  "--output_dir", str(out), "--num_train_epochs", "1", "--learning_rate", "3e-3", "--qlora",
-                 "--lora_r", "4", "--lora_target_modules", "q_proj,v_proj", "--gradient_checkpointing", "true"]) == 0
+                 "--lora_r", "4", "--lora_target_modules", "q_proj,v_proj", "--gradient_checkpointing", "true",
+                 "--lm_loss_weight", "0.5"]) == 0
     summary = json.loads((out / "training_summary.json").read_text())
-    assert summary["method"] == "qlora" and summary["lora"]["r"] == 4
+    assert summary["method"] == "qlora" and summary["lora"]["r"] == 4 and summary["lm_loss_weight"] == 0.5
     assert summary["lora"]["target_modules"] == ["q_proj", "v_proj"]
     assert summary["parameters"]["trainable"] < summary["parameters"]["total"] / 5
     assert summary["memory"]["linear_ratio_to_fp32"] < 0.35
@@ -263,6 +303,7 @@ def test_classify_qlora_end_to_end(base_dir, tmp_path):
         (["--train_last_n_blocks", "5"], "the model has 2 blocks"),
         (["--lora", "--train_last_n_blocks", "1"], "pick one"),
         (["--class_weights", "1,2,3"], "need 2 positive numbers"),
+        (["--lm_loss_weight", "-1"], "--lm_loss_weight must be 0 \\(off\\) or positive"),
         (["--classifier_pooling", "max"], "classifier_pooling='max' is not supported; choose one of 'last', 'mean'"),
     ],
 )

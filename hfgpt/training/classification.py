@@ -109,6 +109,11 @@ class ClassificationArguments:
         default=None, metadata={"help": "Weight the loss per class for imbalanced data: 'balanced' (n_rows / "
                                         "(n_classes * rows of the class), as scikit-learn) or one weight per class "
                                         "in id order, e.g. '1,6.5'."})
+    lm_loss_weight: float = field(
+        default=0.0, metadata={"help": "Add this times the language-modelling loss on the training texts to the "
+                                       "classification loss while training, the auxiliary objective of GPT-1 "
+                                       "(Radford et al., 2018, used 0.5). The model predicts next tokens with its "
+                                       "(tied) input embeddings, so it needs tie_word_embeddings. 0: off."})
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace a model or checkpoints already in --output_dir."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow remote code for non-hfgpt models."})
@@ -121,6 +126,8 @@ class ClassificationArguments:
                                 if name.strip()] or None
         if self.train_last_n_blocks is not None and self.train_last_n_blocks < 1:
             raise ValueError(f"--train_last_n_blocks must be at least 1, got {self.train_last_n_blocks}.")
+        if self.lm_loss_weight < 0:
+            raise ValueError(f"--lm_loss_weight must be 0 (off) or positive, got {self.lm_loss_weight}.")
 
 
 @dataclass
@@ -226,8 +233,34 @@ def metrics_function(num_labels: int):
     return compute_metrics
 
 
+def language_modelling_loss(model: nn.Module, hidden_states: torch.Tensor, input_ids: torch.Tensor,
+                            attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the real tokens, the logits from the final hidden states and the input
+    embeddings (the causal LM's tied output layer, which the classifier keeps)."""
+    logits = hidden_states[:, :-1] @ model.get_input_embeddings().weight.T
+    targets = input_ids[:, 1:]
+    if attention_mask is not None:
+        targets = targets.masked_fill(attention_mask[:, 1:] == 0, -100)
+    return nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
 class ClassificationTrainer(MatrixWeightDecayMixin, Trainer):
-    """Trainer with weight decay on weight matrices only, evaluating in dataset order."""
+    """Trainer with weight decay on weight matrices only, evaluating in dataset order, and (with `lm_loss_weight`)
+    the language-modelling loss added to the classification loss in training steps."""
+
+    def __init__(self, *args, lm_loss_weight: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lm_loss_weight = lm_loss_weight
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not (self.lm_loss_weight and model.training):  # evaluation reports the classification loss alone
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = super().compute_loss(model, {**inputs, "output_hidden_states": True}, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        lm_loss = language_modelling_loss(self.accelerator.unwrap_model(model), outputs.hidden_states[-1],
+                                          inputs["input_ids"], inputs.get("attention_mask"))
+        loss = loss + self.lm_loss_weight * lm_loss
+        return (loss, outputs) if return_outputs else loss
 
     def _get_eval_sampler(self, eval_dataset):
         # transformers length-groups (and so shuffles) evaluation batches too under group_by_length; grouping only
@@ -349,6 +382,10 @@ def prepare_classification(args: ClassificationArguments, training_args: Classif
     elif args.train_last_n_blocks:
         freeze_all_but_last_blocks(model, args.train_last_n_blocks)
 
+    if args.lm_loss_weight and not model.config.tie_word_embeddings:
+        raise ValueError(f"--lm_loss_weight needs a model with tied embeddings (its output layer is the input "
+                         f"embeddings, which the classifier keeps); {args.model_name_or_path} has "
+                         "tie_word_embeddings=false. Leave --lm_loss_weight at 0.")
     compute_loss_func = None
     if args.class_weights:
         weights = class_weights_from(args.class_weights, encoded[TRAIN_SPLIT][LABEL_ID_COLUMN], label_names)
@@ -367,6 +404,7 @@ def prepare_classification(args: ClassificationArguments, training_args: Classif
         compute_metrics=metrics_function(len(label_names)),
         compute_loss_func=compute_loss_func,
         callbacks=[*training_callbacks(f"hfgpt classification: {output_dir.name}"), *callbacks],
+        lm_loss_weight=args.lm_loss_weight,
     )
     training_args.push_to_hub = push_to_hub
     summary = {
@@ -381,6 +419,7 @@ def prepare_classification(args: ClassificationArguments, training_args: Classif
         "max_length": max_length,
         "train_last_n_blocks": args.train_last_n_blocks,
         "class_weights": args.class_weights,
+        "lm_loss_weight": args.lm_loss_weight,
         "add_bos_token": args.add_bos_token,
     }
     validation_texts = raw[VALIDATION_SPLIT][args.text_column] if has_validation else None
