@@ -14,7 +14,9 @@ Steps (each a separate `hfgpt` process, so its wall time and peak memory are its
 3. Fine-tune (`hfgpt classify`) on the labelled training messages: the pretrained model in full, LoRA and QLoRA
    modes, and the same architecture from random weights ("from nothing", full fine-tuning with the same settings).
    Each message starts with <|endoftext|>, as every pretraining document does (hfgpt classify's default), and the
-   head reads the last token's state (`--classifier_pooling mean`: the mean of the message's token states).
+   head reads the last token's state (`--classifier_pooling mean`: the mean of the message's token states). Every
+   run keeps training as a language model on the messages beside the labels (`--lm_loss_weight` 0.5, GPT-1's
+   auxiliary objective), the baseline too, so that it is the best recipe from nothing we have.
    With `--soup K`, each mode trains K runs from the same start with seeds seed .. seed+K-1 (two at a time with
    `--jobs 2`) and `hfgpt average` averages their weights into one model, a model soup; the table shows the soup
    and every run in it. The default, `--soup 1`, is one run per mode (a soup of 3 was no better here:
@@ -102,10 +104,11 @@ def parse_args(argv=None):
     parser.add_argument("--class_weights", default="balanced",
                         help="Passed to hfgpt classify for every run: 'balanced' weighs the loss by inverse class "
                              "frequency (13%% of the messages are spam); 'none' for the plain loss.")
-    parser.add_argument("--lm_loss_weight", type=float, default=0.0,
-                        help="hfgpt classify's --lm_loss_weight for the pretrained model's runs (full, LoRA, QLoRA): "
-                             "its language-modelling loss on the messages, times this, added to the classification "
-                             "loss (GPT-1's auxiliary objective). 0: off.")
+    parser.add_argument("--lm_loss_weight", type=float, default=0.5,
+                        help="hfgpt classify's --lm_loss_weight for every fine-tuning run, the baseline's included: "
+                             "the model's language-modelling loss on the messages, times this, added to the "
+                             "classification loss (GPT-1's auxiliary objective; it about halved LoRA's and QLoRA's "
+                             "errors on the development split, bench/spam_experiments.md). 0: off.")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--soup", type=int, default=1,
                         help="Runs per mode (seeds seed .. seed+K-1) whose weights are averaged into the scored model "
@@ -440,7 +443,8 @@ def main(argv=None) -> int:
 
     runs, members = {}, {}
     baseline_dir = output_dir / "from_nothing_init"
-    baseline_flags = ["--learning_rate", str(args.baseline_learning_rate)]
+    auxiliary = ["--lm_loss_weight", str(args.lm_loss_weight)] if args.lm_loss_weight else []
+    baseline_flags = ["--learning_rate", str(args.baseline_learning_rate), *auxiliary]
     if not args.skip_baseline:
         random_init_copy(pretrained, baseline_dir, args.seed)
         name = "from nothing (full)"
@@ -449,7 +453,6 @@ def main(argv=None) -> int:
     lora = ["--lora_r", str(args.lora_r), "--lora_alpha", str(args.lora_alpha),
             *(["--use_dora"] if args.use_dora else []), *(["--use_rslora"] if args.use_rslora else []),
             *(["--lora_modules_to_save", args.lora_modules_to_save] if args.lora_modules_to_save else [])]
-    auxiliary = ["--lm_loss_weight", str(args.lm_loss_weight)] if args.lm_loss_weight else []
     extra = {"full": ["--learning_rate", str(args.learning_rate), *auxiliary],
              "lora": ["--lora", *lora, "--learning_rate", str(args.lora_learning_rate), *auxiliary],
              "qlora": ["--qlora", *lora, "--learning_rate", str(args.lora_learning_rate), *auxiliary]}

@@ -315,6 +315,16 @@ def test_classify_bad_input_is_a_clear_error(base_dir, tmp_path, capsys, extra, 
     assert code == 1 and re.search(message, err), err
 
 
+def test_lm_loss_weight_needs_tied_embeddings(tiny_tokenizer, tmp_path, capsys):
+    config = HFGPTConfig.from_preset("tiny", pad_token_id=tiny_tokenizer.pad_token_id, tie_word_embeddings=False)
+    HFGPTForCausalLM(config).save_pretrained(tmp_path / "untied")
+    tiny_tokenizer.save_pretrained(tmp_path / "untied")
+    train = _write_rows(tmp_path / "train.tsv", _toy_rows(20))
+    assert _run(["--model_name_or_path", str(tmp_path / "untied"), "--train_file", str(train),
+                 "--output_dir", str(tmp_path / "out"), "--lm_loss_weight", "0.5"]) == 1
+    assert "needs a model with tied embeddings" in capsys.readouterr().err
+
+
 def test_classify_unknown_validation_label_is_a_clear_error(base_dir, tmp_path, capsys):
     train = _write_rows(tmp_path / "train.tsv", _toy_rows(20))
     validation = _write_rows(tmp_path / "validation.tsv", [("ham", "ok"), ("phishing", "click here")])
