@@ -14,9 +14,9 @@ Steps (each a separate `hfgpt` process, so its wall time and peak memory are its
 3. Fine-tune (`hfgpt classify`) on the labelled training messages: the pretrained model in full, LoRA and QLoRA
    modes, and the same architecture from random weights ("from nothing", full fine-tuning with the same settings).
    Each message starts with <|endoftext|>, as every pretraining document does (hfgpt classify's default), and the
-   head reads the last token's state (`--classifier_pooling mean`: the mean of the message's token states). Every
-   run keeps training as a language model on the messages beside the labels (`--lm_loss_weight` 0.5, GPT-1's
-   auxiliary objective), the baseline too, so that it is the best recipe from nothing we have.
+   head reads the last token's state (`--classifier_pooling mean`: the mean of the message's token states).
+   `--lm_loss_weight 0.5` keeps every run (the baseline's too) training as a language model on the messages beside
+   the labels, GPT-1's auxiliary objective.
    With `--soup K`, each mode trains K runs from the same start with seeds seed .. seed+K-1 (two at a time with
    `--jobs 2`) and `hfgpt average` averages their weights into one model, a model soup; the table shows the soup
    and every run in it. The default, `--soup 1`, is one run per mode (a soup of 3 was no better here:
@@ -104,11 +104,12 @@ def parse_args(argv=None):
     parser.add_argument("--class_weights", default="balanced",
                         help="Passed to hfgpt classify for every run: 'balanced' weighs the loss by inverse class "
                              "frequency (13%% of the messages are spam); 'none' for the plain loss.")
-    parser.add_argument("--lm_loss_weight", type=float, default=0.5,
+    parser.add_argument("--lm_loss_weight", type=float, default=0.0,
                         help="hfgpt classify's --lm_loss_weight for every fine-tuning run, the baseline's included: "
                              "the model's language-modelling loss on the messages, times this, added to the "
-                             "classification loss (GPT-1's auxiliary objective; it about halved LoRA's and QLoRA's "
-                             "errors on the development split, bench/spam_experiments.md). 0: off.")
+                             "classification loss (GPT-1's auxiliary objective). 0 (the default): off. 0.5 about "
+                             "halved LoRA's and QLoRA's errors on the development split but not on the held-out "
+                             "messages (bench/spam_experiments.md).")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--soup", type=int, default=1,
                         help="Runs per mode (seeds seed .. seed+K-1) whose weights are averaged into the scored model "

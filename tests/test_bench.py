@@ -91,7 +91,7 @@ TINY_SPAM_BENCH = ("--vocab_size", "300", "--config_overrides", "num_hidden_laye
 
 def test_spam_bench_every_mode(tmp_path):
     out = run_bench("spam.py", "--data", str(spam_file(tmp_path / "spam.tsv")), "--output_dir", str(tmp_path / "run"),
-                    *TINY_SPAM_BENCH)
+                    *TINY_SPAM_BENCH, "--lm_loss_weight", "0.5")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     runs = results["runs"]
     assert set(runs) == {"from nothing (full)", "pretrained + full", "pretrained + lora", "pretrained + qlora"}
@@ -102,7 +102,7 @@ def test_spam_bench_every_mode(tmp_path):
     assert runs["pretrained + lora"]["trainable_parameters"] < runs["pretrained + full"]["trainable_parameters"]
     assert runs["pretrained + qlora"]["linear_bytes"] < 0.35 * runs["pretrained + qlora"]["linear_fp32_bytes"]
     assert "label_curve" not in results
-    # by default every run, the baseline's too, keeps the auxiliary LM loss (GPT-1's)
+    # --lm_loss_weight reaches every run, the baseline's too
     for mode in ("from_nothing", "full", "lora", "qlora"):
         summary = json.loads((tmp_path / "run" / mode / "training_summary.json").read_text())
         assert summary["lm_loss_weight"] == 0.5, mode
