@@ -4,6 +4,7 @@
     hfgpt classify ... --lora                  # LoRA adapters + the head; the merged model lands in --output_dir
     hfgpt classify ... --qlora                 # the same on a 4-bit NF4 base (bitsandbytes)
     hfgpt classify ... --train_last_n_blocks 2 # freeze all but the last 2 blocks, the final norm and the head
+    hfgpt classify ... --lm_loss_weight 0.5    # + 0.5 x the next-token loss on the same texts (GPT-1's auxiliary loss)
 
 The starting point is any hfgpt directory (a pretrained causal LM, or a classifier to fine-tune further): its blocks
 are loaded into `HFGPTForSequenceClassification`, whose head (`score`) reads the hidden state of each sequence's last
@@ -344,6 +345,10 @@ def prepare_classification(args: ClassificationArguments, training_args: Classif
     output_dir = Path(training_args.output_dir)
     resume_checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, output_dir)
     base_config = _model_config(args)
+    if args.lm_loss_weight and not base_config.tie_word_embeddings:
+        raise ValueError("--lm_loss_weight needs a model with tied embeddings (its output layer is the input "
+                         f"embeddings, which the classifier keeps); {args.model_name_or_path} has "
+                         "tie_word_embeddings=false. Leave --lm_loss_weight at 0.")
 
     raw, label_names = load_labelled_datasets(
         train_files=args.train_file, validation_files=args.validation_file, dataset_name=args.dataset_name,
@@ -382,10 +387,6 @@ def prepare_classification(args: ClassificationArguments, training_args: Classif
     elif args.train_last_n_blocks:
         freeze_all_but_last_blocks(model, args.train_last_n_blocks)
 
-    if args.lm_loss_weight and not model.config.tie_word_embeddings:
-        raise ValueError(f"--lm_loss_weight needs a model with tied embeddings (its output layer is the input "
-                         f"embeddings, which the classifier keeps); {args.model_name_or_path} has "
-                         "tie_word_embeddings=false. Leave --lm_loss_weight at 0.")
     compute_loss_func = None
     if args.class_weights:
         weights = class_weights_from(args.class_weights, encoded[TRAIN_SPLIT][LABEL_ID_COLUMN], label_names)
