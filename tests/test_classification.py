@@ -183,9 +183,10 @@ def test_lm_loss_weight_adds_the_causal_lm_loss_in_training_only(class_weights, 
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor([0, 1, 1])}
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
     losses = {}
+    loss_function = None if class_weights is None else WeightedCrossEntropy(class_weights)
     for weight in (0.0, 0.5):
         trainer = ClassificationTrainer(model=classifier, args=args, lm_loss_weight=weight,
-                                        compute_loss_func=None if class_weights is None else WeightedCrossEntropy(class_weights))
+                                        compute_loss_func=loss_function)
         with torch.no_grad():
             classifier.train()
             losses[weight] = trainer.compute_loss(classifier, dict(inputs)).item()
