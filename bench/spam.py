@@ -454,9 +454,10 @@ def main(argv=None) -> int:
     lora = ["--lora_r", str(args.lora_r), "--lora_alpha", str(args.lora_alpha),
             *(["--use_dora"] if args.use_dora else []), *(["--use_rslora"] if args.use_rslora else []),
             *(["--lora_modules_to_save", args.lora_modules_to_save] if args.lora_modules_to_save else [])]
-    extra = {"full": ["--learning_rate", str(args.learning_rate), *auxiliary],
-             "lora": ["--lora", *lora, "--learning_rate", str(args.lora_learning_rate), *auxiliary],
-             "qlora": ["--qlora", *lora, "--learning_rate", str(args.lora_learning_rate), *auxiliary]}
+    extra = {mode: [*flags, *auxiliary] for mode, flags in (
+        ("full", ["--learning_rate", str(args.learning_rate)]),
+        ("lora", ["--lora", *lora, "--learning_rate", str(args.lora_learning_rate)]),
+        ("qlora", ["--qlora", *lora, "--learning_rate", str(args.lora_learning_rate)]))}
     epochs = {"full": args.epochs, "lora": args.lora_epochs, "qlora": args.lora_epochs}
     for mode in args.modes:
         name = f"pretrained + {mode}"

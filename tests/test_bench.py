@@ -109,9 +109,10 @@ def test_spam_bench_every_mode(tmp_path):
 
 
 def test_spam_bench_label_curve(tmp_path):
-    out = run_bench("spam.py", "--data", str(spam_file(tmp_path / "spam.tsv")), "--output_dir", str(tmp_path / "run"),
-                    *TINY_SPAM_BENCH, "--lora_epochs", "2", "--modes", "lora", "--label_counts", "50",
-                    "--label_curve_seeds", "1")
+    bench_args = ("--data", str(spam_file(tmp_path / "spam.tsv")), "--output_dir", str(tmp_path / "run"),
+                  *TINY_SPAM_BENCH, "--lora_epochs", "2", "--modes", "lora", "--label_counts", "50",
+                  "--label_curve_seeds", "1")
+    out = run_bench("spam.py", *bench_args)
     curve = json.loads((tmp_path / "run" / "results.json").read_text())["label_curve"]
     assert curve["counts"] == [50, 400] and curve["spam"] == {"50": 10, "400": 80}  # 50 labelled, and all 400
     assert set(curve["runs"]) == {"from nothing (full)", "pretrained + lora"}
@@ -128,9 +129,7 @@ def test_spam_bench_label_curve(tmp_path):
 
     # interrupted after every step but one: --resume reruns only that one and gives the same curve
     (tmp_path / "run" / "label_curve" / "lora_labels50_seed42" / "bench_step.json").unlink()
-    out = run_bench("spam.py", "--data", str(spam_file(tmp_path / "spam.tsv")), "--output_dir", str(tmp_path / "run"),
-                    *TINY_SPAM_BENCH, "--lora_epochs", "2", "--modes", "lora", "--label_counts", "50",
-                    "--label_curve_seeds", "1", "--resume")
+    out = run_bench("spam.py", *bench_args, "--resume")
     assert re.findall(r"== (\S+): hfgpt", out) == ["lora_labels50_seed42"]
     assert len(re.findall(r"reused \(--resume\)", out)) == 6  # pretrain, baseline, lora, 3 more curve runs
     resumed = json.loads((tmp_path / "run" / "results.json").read_text())["label_curve"]

@@ -236,13 +236,14 @@ def metrics_function(num_labels: int):
 
 def language_modelling_loss(model: nn.Module, hidden_states: torch.Tensor, input_ids: torch.Tensor,
                             attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean next-token cross-entropy over the real tokens, the logits from the final hidden states and the input
-    embeddings (the causal LM's tied output layer, which the classifier keeps)."""
-    logits = hidden_states[:, :-1] @ model.get_input_embeddings().weight.T
-    targets = input_ids[:, 1:]
-    if attention_mask is not None:
-        targets = targets.masked_fill(attention_mask[:, 1:] == 0, -100)
-    return nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    """The causal LM's loss (the same transformers loss `HFGPTForCausalLM` uses) over the real tokens, the logits
+    from the final hidden states and the input embeddings (the causal LM's tied output layer, which the classifier
+    keeps)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    embeddings = model.get_input_embeddings().weight
+    labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
+    return ForCausalLMLoss(hidden_states @ embeddings.T, labels, vocab_size=embeddings.shape[0])
 
 
 class ClassificationTrainer(MatrixWeightDecayMixin, Trainer):
