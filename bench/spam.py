@@ -15,8 +15,8 @@ Steps (each a separate `hfgpt` process, so its wall time and peak memory are its
    modes, and the same architecture from random weights ("from nothing", full fine-tuning with the same settings).
    Each message starts with <|endoftext|>, as every pretraining document does (hfgpt classify's default), and the
    head reads the last token's state (`--classifier_pooling mean`: the mean of the message's token states).
-   `--lm_loss_weight 0.5` keeps every run (the baseline's too) training as a language model on the messages beside
-   the labels, GPT-1's auxiliary objective.
+   `--lm_loss_weight W` (off by default) has every run, the baseline's too, also train as a language model on the
+   messages, W times that loss added to the classification loss (GPT-1's auxiliary objective).
    With `--soup K`, each mode trains K runs from the same start with seeds seed .. seed+K-1 (two at a time with
    `--jobs 2`) and `hfgpt average` averages their weights into one model, a model soup; the table shows the soup
    and every run in it. The default, `--soup 1`, is one run per mode (a soup of 3 was no better here:

@@ -135,12 +135,15 @@ def test_class_weights():
         class_weights_from("balanced", [0, 0], ["ham", "spam"])
 
 
-@pytest.mark.parametrize("weighted", [False, True])
-def test_gradient_accumulation_matches_one_large_batch(weighted, tmp_path):
+@pytest.mark.parametrize("weighted, lm_loss_weight", [(False, 0.0), (True, 0.0), (False, 0.5), (True, 0.5)])
+def test_gradient_accumulation_matches_one_large_batch(weighted, lm_loss_weight, tmp_path):
     """Trainer hands the loss the number of rows of the accumulated batch; the head's loss (and the weighted loss)
-    must use it, or accumulating N micro-batches multiplies the update by N."""
+    must use it, or accumulating N micro-batches multiplies the update by N. The auxiliary LM loss (a mean per
+    micro-batch) must be scaled to match."""
     from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
+
+    from hfgpt.training.classification import ClassificationTrainer
 
     torch.manual_seed(0)
     config = HFGPTConfig.from_preset("tiny", num_labels=2, pad_token_id=1)
@@ -155,10 +158,12 @@ def test_gradient_accumulation_matches_one_large_batch(weighted, tmp_path):
                                  lr_scheduler_type="constant", max_grad_norm=0.0, report_to="none", disable_tqdm=True,
                                  train_sampling_strategy="sequential", save_strategy="no")
         loss = WeightedCrossEntropy(torch.tensor([1.0, 3.0])) if weighted else None
-        Trainer(model=model, args=args, train_dataset=rows, compute_loss_func=loss).train()
+        ClassificationTrainer(model=model, args=args, train_dataset=rows, compute_loss_func=loss,
+                              lm_loss_weight=lm_loss_weight).train()
         # .cpu(): on a machine with a GPU, Trainer moved the model there
-        updates.append(model.score.weight.detach().cpu() - reference.score.weight.detach())
-    assert updates[0].abs().max() > 0
+        updates.append({name: weight.detach().cpu() - reference.state_dict()[name]
+                        for name, weight in model.state_dict().items()})
+    assert updates[0]["score.weight"].abs().max() > 0
     torch.testing.assert_close(updates[1], updates[0], atol=1e-5, rtol=1e-4)
 
 

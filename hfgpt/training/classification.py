@@ -261,6 +261,10 @@ class ClassificationTrainer(MatrixWeightDecayMixin, Trainer):
                                              num_items_in_batch=num_items_in_batch)
         lm_loss = language_modelling_loss(self.accelerator.unwrap_model(model), outputs.hidden_states[-1],
                                           inputs["input_ids"], inputs.get("attention_mask"))
+        if num_items_in_batch is not None:
+            # the classification loss is then already divided over the whole accumulated batch and Trainer does not
+            # divide by the accumulation steps; the LM loss is this micro-batch's mean, so divide it here
+            lm_loss = lm_loss / self.current_gradient_accumulation_steps
         loss = loss + self.lm_loss_weight * lm_loss
         return (loss, outputs) if return_outputs else loss
 
