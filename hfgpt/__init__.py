@@ -1,6 +1,6 @@
 """hfgpt: a GPT written from scratch in PyTorch, shipped as a native Hugging Face transformers model.
 
-Importing hfgpt registers the config and the three heads with the Auto classes, and marks them so that
+Importing hfgpt registers the config, the base model and the four heads with the Auto classes, and marks them so that
 `save_pretrained` copies the modelling code next to the weights (for `trust_remote_code=True` where hfgpt is not
 installed).
 """
@@ -9,13 +9,17 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
 )
 
 from .configuration_hfgpt import HFGPTConfig
 from .modeling_hfgpt import (
     HFGPTForCausalLM,
+    HFGPTForQuestionAnswering,
     HFGPTForSequenceClassification,
+    HFGPTForTokenClassification,
     HFGPTModel,
     HFGPTPreTrainedModel,
 )
@@ -26,6 +30,8 @@ _AUTO_CLASSES = {
     AutoModel: HFGPTModel,
     AutoModelForCausalLM: HFGPTForCausalLM,
     AutoModelForSequenceClassification: HFGPTForSequenceClassification,
+    AutoModelForTokenClassification: HFGPTForTokenClassification,
+    AutoModelForQuestionAnswering: HFGPTForQuestionAnswering,
 }
 
 AutoConfig.register(HFGPTConfig.model_type, HFGPTConfig, exist_ok=True)
@@ -40,4 +46,6 @@ __all__ = [
     "HFGPTModel",
     "HFGPTForCausalLM",
     "HFGPTForSequenceClassification",
+    "HFGPTForTokenClassification",
+    "HFGPTForQuestionAnswering",
 ]

@@ -96,7 +96,10 @@ def _architecture_rows(config: dict, num_parameters: int | None) -> list[tuple[s
     add("context length", config.get("max_position_embeddings"))
     position = config.get("position_embedding_type")
     if position == "rope":
-        position = f"rope (theta {config.get('rope_theta')})"
+        rope = config.get("rope_parameters") or {"rope_theta": config.get("rope_theta")}  # older configs: rope_theta
+        position = f"rope (theta {rope['rope_theta']})"
+        if rope.get("rope_type", "default") != "default":
+            position = f"rope (theta {rope['rope_theta']}, {rope['rope_type']} scaling x{rope.get('factor')})"
     add("position embeddings", position)
     if config.get("norm_type") is not None:
         add("normalisation", f"{config['norm_type']}, {config.get('norm_position', 'pre')}-norm")

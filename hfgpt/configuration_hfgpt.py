@@ -22,6 +22,15 @@ NORM_TYPES = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 HIDDEN_ACTS = ("gelu", "gelu_new", "relu", "swiglu")
 CLASSIFIER_POOLINGS = ("last", "mean")
+# RoPE scaling (`rope_parameters["rope_type"]`), computed by transformers' RoPE functions, with the keys each needs
+# besides rope_theta (original_max_position_embeddings defaults to max_position_embeddings)
+ROPE_TYPES = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+}
 
 _GPT2 = dict(vocab_size=50257, max_position_embeddings=1024, bos_token_id=50256, eos_token_id=50256,
              hidden_act="gelu_new", bias=True, tie_word_embeddings=True)
@@ -36,6 +45,8 @@ AUTO_MAP = {
     "AutoModel": "modeling_hfgpt.HFGPTModel",
     "AutoModelForCausalLM": "modeling_hfgpt.HFGPTForCausalLM",
     "AutoModelForSequenceClassification": "modeling_hfgpt.HFGPTForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_hfgpt.HFGPTForTokenClassification",
+    "AutoModelForQuestionAnswering": "modeling_hfgpt.HFGPTForQuestionAnswering",
 }
 
 PRESETS: dict[str, dict] = {
@@ -82,7 +93,12 @@ class HFGPTConfig(PreTrainedConfig):
             8/3 * hidden_size rounded up to a multiple of 64 (same parameter count as the 4x GELU MLP).
         max_position_embeddings (`n_positions`): the longest sequence the model accepts.
         position_embedding_type: "learned" (GPT-2), "sinusoidal" (the original Transformer) or "rope" (rotary).
-        rope_theta: base of the rotary frequencies.
+        rope_parameters: transformers' standard RoPE dict: "rope_theta" (the base of the rotary frequencies) and
+            "rope_type": "default", or a scaling that runs a RoPE model past its trained context, as for Llama:
+            "linear" / "dynamic" (NTK) with "factor"; "yarn" with "factor" (and optionally
+            "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor"); "llama3" with "factor",
+            "low_freq_factor", "high_freq_factor", "original_max_position_embeddings".
+        rope_theta: the base of the rotary frequencies, as older configs spell it (stored in rope_parameters).
         norm_type: "layernorm" or "rmsnorm".
         norm_position: "pre" (GPT-2 and later: norm inside the residual branch) or "post" (the original Transformer:
             norm after the residual addition).
@@ -119,7 +135,8 @@ class HFGPTConfig(PreTrainedConfig):
         intermediate_size: int | None = None,
         max_position_embeddings: int = 1024,
         position_embedding_type: str = "learned",
-        rope_theta: float = 10000.0,
+        rope_parameters: dict | None = None,
+        rope_theta: float | None = None,
         norm_type: str = "layernorm",
         norm_position: str = "pre",
         norm_eps: float = 1e-5,
@@ -152,7 +169,13 @@ class HFGPTConfig(PreTrainedConfig):
         self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
         self.max_position_embeddings = max_position_embeddings
         self.position_embedding_type = position_embedding_type
-        self.rope_theta = float(rope_theta)
+        # transformers' RoPE dict; older configs spell its base rope_theta, beside it, and its scaling rope_scaling.
+        # super().__init__ completes it (rope_type, original_max_position_embeddings) and runs transformers' checks,
+        # which raise a bare KeyError for a missing key: hfgpt's check runs first and names what is wrong.
+        rope_parameters = rope_parameters or kwargs.pop("rope_scaling", None) or {}
+        self.rope_parameters = {"rope_theta": self.default_theta if rope_theta is None else float(rope_theta),
+                                **rope_parameters}
+        self._validate_rope_parameters()
         self.norm_type = norm_type
         self.norm_position = norm_position
         self.norm_eps = norm_eps
@@ -172,7 +195,8 @@ class HFGPTConfig(PreTrainedConfig):
         if intermediate_size is None:
             intermediate_size = self.default_intermediate_size(hidden_size, hidden_act)
         self.intermediate_size = intermediate_size
-        kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        # every head, also in configs saved before a head existed (theirs keep what they name)
+        kwargs["auto_map"] = {**AUTO_MAP, **(kwargs.get("auto_map") or {})}
         super().__init__(**kwargs)
         self.validate()
 
@@ -186,19 +210,35 @@ class HFGPTConfig(PreTrainedConfig):
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def rope_theta(self) -> float:
+        """The base of the rotary frequencies; one value, kept in rope_parameters."""
+        return self.rope_parameters.get("rope_theta", self.default_theta)
+
+    @rope_theta.setter
+    def rope_theta(self, value: float) -> None:
+        self.rope_parameters["rope_theta"] = float(value)
+
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
         # from_pretrained(path, **overrides) builds the config and then setattr()s the overrides onto it, past
-        # __init__'s validation: check the result again so a bad override fails here, not deep in the model.
+        # __init__: a rope_parameters override (RoPE scaling for a trained model) keeps the checkpoint's rope_theta
+        # unless it names one, and is completed as __init__ completes it. Then everything is checked again, so a bad
+        # override fails here, not deep in the model.
+        rope_parameters = kwargs.pop("rope_parameters", None)
         loaded = super().from_dict(config_dict, **kwargs)
         config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if rope_parameters is not None:
+            config.rope_parameters = {"rope_theta": config.rope_theta, **rope_parameters}
+            config.standardize_rope_params()
         config.validate()
         return loaded
 
     def validate(self) -> None:
         """Raise a ValueError naming the bad value and what is allowed. Called at construction, after
         `from_pretrained` overrides and by `save_pretrained`."""
-        super().validate()  # transformers' own checks (special token ids, output_attentions) first
+        self._validate_rope_parameters()  # before transformers' RoPE checks, which raise a bare KeyError
+        super().validate()  # transformers' own checks (special token ids, output_attentions, RoPE keys)
         _check_choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
         _check_choice("norm_type", self.norm_type, NORM_TYPES)
         _check_choice("norm_position", self.norm_position, NORM_POSITIONS)
@@ -227,14 +267,40 @@ class HFGPTConfig(PreTrainedConfig):
             )
         if self.position_embedding_type == "sinusoidal" and self.hidden_size % 2:
             raise ValueError(f"sinusoidal positions need an even hidden_size, got {self.hidden_size}.")
-        if self.rope_theta <= 0:
-            raise ValueError(f"rope_theta={self.rope_theta} must be positive.")
         for name in ("embedding_dropout", "attention_dropout", "residual_dropout", "classifier_dropout"):
             _check_probability(name, getattr(self, name))
         if self.initializer_range <= 0:
             raise ValueError(f"initializer_range={self.initializer_range} must be positive.")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps={self.norm_eps} must be positive.")
+
+    def _validate_rope_parameters(self) -> None:
+        rope = self.rope_parameters
+        if not isinstance(rope, dict):
+            raise ValueError(f"rope_parameters={rope!r} must be a dict, e.g. {{'rope_type': 'linear', 'factor': 2.0}}.")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        _check_choice("rope_parameters['rope_type']", rope_type, tuple(ROPE_TYPES))
+        theta = rope.get("rope_theta")
+        if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+            raise ValueError(f"rope_theta={theta!r} must be a positive number.")
+        missing = [key for key in ROPE_TYPES[rope_type] if rope.get(key) is None]
+        if missing:
+            raise ValueError(f"rope_parameters with rope_type={rope_type!r} needs {', '.join(map(repr, missing))}.")
+        if rope_type == "default":
+            return
+        if self.position_embedding_type != "rope":
+            raise ValueError(
+                f"rope_parameters rope_type={rope_type!r} scales rotary positions, but this model has "
+                f"position_embedding_type={self.position_embedding_type!r}; use 'rope' or rope_type 'default'."
+            )
+        factor = rope["factor"]
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 1:
+            raise ValueError(f"rope_parameters factor={factor!r} must be a number >= 1 (how much longer the context).")
+        if rope_type == "llama3" and not rope["low_freq_factor"] < rope["high_freq_factor"]:
+            raise ValueError(
+                f"rope_parameters low_freq_factor={rope['low_freq_factor']!r} must be below "
+                f"high_freq_factor={rope['high_freq_factor']!r}."
+            )
 
     @classmethod
     def presets(cls) -> list[str]:

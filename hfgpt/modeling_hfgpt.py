@@ -1,7 +1,7 @@
 """The hfgpt model: a GPT decoder written from scratch, as a native transformers model.
 
 Reading order: positions (learned / sinusoidal / rotary) -> norms -> attention -> MLP -> block -> HFGPTModel (the
-stack) -> the heads (causal LM, sequence classification).
+stack) -> the heads (causal LM, sequence classification, token classification, extractive question answering).
 
 This file imports only torch, transformers and its own config, so that `save_pretrained` can ship it unchanged as
 remote code (`trust_remote_code=True`) for machines where hfgpt is not installed.
@@ -13,20 +13,27 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import AutoModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_hfgpt import HFGPTConfig
 
@@ -56,23 +63,40 @@ class HFGPTSinusoidalPositions(nn.Module):
         return F.embedding(position_ids, self.table)
 
 
-def rope_inverse_frequencies(config: HFGPTConfig) -> torch.Tensor:
-    dim = config.head_dim
-    return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-
-
 class HFGPTRotaryEmbedding(nn.Module):
-    """Rotary position embedding (Su et al., 2021): returns the cos/sin that rotate queries and keys by position."""
+    """Rotary position embedding (Su et al., 2021): returns the cos/sin that rotate queries and keys by position.
+
+    The frequencies come from `config.rope_parameters` through transformers' RoPE functions, as in Llama: "default"
+    is plain RoPE; "linear", "dynamic" (NTK), "yarn" and "llama3" rescale them to run past the trained context.
+    """
 
     def __init__(self, config: HFGPTConfig):
         super().__init__()
-        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        # dynamic_rope_update reads these: the context the model was trained for, and how far the table now reaches
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
+        if self.rope_type == "default":
+            inv_freq, self.attention_scaling = self.compute_default_rope_parameters(config)
+        else:
+            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[self.rope_type](config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: HFGPTConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
+        """theta^(-2i/d) for the d/2 rotated pairs of each head; no scaling of cos/sin (factor 1)."""
+        dim = config.head_dim
+        exponents = torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim
+        return 1.0 / (config.rope_parameters["rope_theta"] ** exponents), 1.0
 
     @torch.no_grad()
+    @dynamic_rope_update  # "dynamic" recomputes the frequencies once positions pass the trained context
     def forward(self, x: torch.Tensor, position_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq  # (batch, seq, head_dim / 2)
         angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        # attention_scaling is YaRN's temperature on the attention logits (1 for the other types)
+        return (angles.cos() * self.attention_scaling).to(x.dtype), (angles.sin() * self.attention_scaling).to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -248,17 +272,17 @@ class HFGPTBlock(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> torch.Tensor:
         x = hidden_states
         if self.pre_norm:
-            attn_out, weights = self.attn(self.ln_1(x), attention_mask, position_embeddings, cache, **kwargs)
+            attn_out, _ = self.attn(self.ln_1(x), attention_mask, position_embeddings, cache, **kwargs)
             x = x + self.dropout(attn_out)
             x = x + self.dropout(self.mlp(self.ln_2(x)))
         else:
-            attn_out, weights = self.attn(x, attention_mask, position_embeddings, cache, **kwargs)
+            attn_out, _ = self.attn(x, attention_mask, position_embeddings, cache, **kwargs)
             x = self.ln_1(x + self.dropout(attn_out))
             x = self.ln_2(x + self.dropout(self.mlp(x)))
-        return x, weights
+        return x
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -277,6 +301,9 @@ class HFGPTPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+    # transformers' output capture: forward hooks record each block's output (hidden_states) and each attention's
+    # weights when output_hidden_states / output_attentions ask for them, so the forward pass collects nothing itself
+    _can_record_outputs = {"hidden_states": HFGPTBlock, "attentions": HFGPTAttention}
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)  # normal(0, initializer_range) for Linear/Embedding, ones/zeros for norms
@@ -286,9 +313,8 @@ class HFGPTPreTrainedModel(PreTrainedModel):
             projection = module.o_proj if isinstance(module, HFGPTAttention) else module.down_proj
             std = self.config.initializer_range / math.sqrt(2 * self.config.num_hidden_layers)
             init.normal_(projection.weight, mean=0.0, std=std)
-        elif isinstance(module, HFGPTRotaryEmbedding):  # fixed tables are not in the checkpoint: rebuild them
-            init.copy_(module.inv_freq, rope_inverse_frequencies(self.config))
         elif isinstance(module, HFGPTSinusoidalPositions):
+            # fixed tables are not in the checkpoint: rebuild them (super() rebuilds the rotary ones, as for Llama)
             init.copy_(module.table, sinusoidal_table(module.num_positions, module.dim))
 
 
@@ -319,19 +345,23 @@ class HFGPTModel(HFGPTPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.wte = value
 
-    def _check_length(self, past_length, new_length: int) -> None:
-        if self.config.position_embedding_type == "rope" or torch.compiler.is_compiling():
+    def _check_positions(self, positions: int | torch.Tensor) -> None:
+        """A learned or sinusoidal table ends at max_position_embeddings: say so, rather than fail in an index lookup.
+        What must fit is the largest position, not the row: packed documents restart their positions at 0."""
+        if self.wpe is None or torch.compiler.is_compiling():
             return  # rotary positions have no table to run off the end of
-        if int(past_length) + new_length > self.config.max_position_embeddings:
+        last = int(positions.max() if torch.is_tensor(positions) else positions)
+        if last >= self.config.max_position_embeddings:
             raise ValueError(
-                f"The input reaches position {int(past_length) + new_length}, but this model has "
-                f"{self.config.position_embedding_type} positions for max_position_embeddings="
-                f"{self.config.max_position_embeddings} tokens. Truncate the input (tokenizer(..., truncation=True, "
-                f"max_length={self.config.max_position_embeddings})) or generate fewer tokens."
+                f"The input reaches position {last}, but this model has {self.config.position_embedding_type} "
+                f"positions 0..{self.config.max_position_embeddings - 1} (max_position_embeddings="
+                f"{self.config.max_position_embeddings}). Truncate the input (tokenizer(..., truncation=True, "
+                f"max_length={self.config.max_position_embeddings})) or generate fewer tokens; a packed row may be "
+                "longer if its position_ids restart at 0 at each document."
             )
 
-    @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # transformers' name before 5.24
+    @capture_outputs  # output_hidden_states / output_attentions (flags, or indices of the layers wanted)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -340,22 +370,10 @@ class HFGPTModel(HFGPTPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = (
-            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        )
-        if output_attentions and self.config._attn_implementation != "eager":
-            raise ValueError(
-                f"output_attentions=True needs the eager attention, but this model uses "
-                f"{self.config._attn_implementation!r}; load it with attn_implementation='eager' "
-                "or call model.set_attn_implementation('eager')."
-            )
         # A cache only helps generation; during training it would also hide packed documents from the mask.
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
@@ -365,11 +383,13 @@ class HFGPTModel(HFGPTPreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
-        past_length = cache.get_seq_length() if cache is not None else 0
-        self._check_length(past_length, inputs_embeds.shape[1])
         if position_ids is None:
+            past_length = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_length
             position_ids = position_ids.unsqueeze(0)
+            self._check_positions(past_length + inputs_embeds.shape[1] - 1)  # known without reading the tensor
+        else:
+            self._check_positions(position_ids)
 
         hidden_states = inputs_embeds
         position_embeddings = None
@@ -390,30 +410,16 @@ class HFGPTModel(HFGPTPreTrainedModel):
             position_ids=position_ids,
         )
 
-        all_hidden_states = () if output_hidden_states else None
-        all_attentions = () if output_attentions else None
         for block in self.h:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states, weights = block(
+            hidden_states = block(
                 hidden_states,
                 attention_mask=mask,
                 position_embeddings=position_embeddings,
                 cache=cache,
                 **kwargs,
             )
-            if output_attentions:
-                all_attentions += (weights,)
         hidden_states = self.ln_f(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            cache=cache if use_cache else None,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-        )
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -448,8 +454,6 @@ class HFGPTForCausalLM(HFGPTPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
@@ -465,8 +469,6 @@ class HFGPTForCausalLM(HFGPTPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
@@ -535,8 +537,6 @@ class HFGPTForSequenceClassification(HFGPTPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> SequenceClassifierOutputWithPast:
         outputs: BaseModelOutputWithPast = self.transformer(
@@ -546,8 +546,6 @@ class HFGPTForSequenceClassification(HFGPTPreTrainedModel):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=False if use_cache is None else use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -567,9 +565,42 @@ class HFGPTForSequenceClassification(HFGPTPreTrainedModel):
         )
 
 
+# transformers' generic heads, as Llama has them: per-token labels (NER, tagging) and extractive question answering
+# (start/end logits over the tokens). They build their backbone with AutoModel.from_config(config), so AutoModel must
+# map the config to HFGPTModel. hfgpt's __init__ registers its own classes; under trust_remote_code the config class is
+# loaded apart from this file (another class object, unregistered), hence the registration of type(config) here.
+
+
+class HFGPTForTokenClassification(GenericForTokenClassification, HFGPTPreTrainedModel):
+    """A label for every token, from its hidden state (which has seen only the tokens before it)."""
+
+    base_model_prefix = "transformer"
+
+    def __init__(self, config: HFGPTConfig):
+        AutoModel.register(type(config), HFGPTModel, exist_ok=True)
+        super().__init__(config)
+
+
+class HFGPTForQuestionAnswering(GenericForQuestionAnswering, HFGPTPreTrainedModel):
+    """Extractive question answering: start and end logits for every token of the context."""
+
+    base_model_prefix = "transformer"
+
+    def __init__(self, config: HFGPTConfig):
+        AutoModel.register(type(config), HFGPTModel, exist_ok=True)
+        super().__init__(config)
+
+    def get_input_embeddings(self) -> nn.Embedding:  # the generic head looks for Llama's `embed_tokens`
+        return self.transformer.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.transformer.set_input_embeddings(value)
+
 __all__ = [
     "HFGPTPreTrainedModel",
     "HFGPTModel",
     "HFGPTForCausalLM",
     "HFGPTForSequenceClassification",
+    "HFGPTForTokenClassification",
+    "HFGPTForQuestionAnswering",
 ]

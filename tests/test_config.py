@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from transformers import AutoConfig
@@ -20,11 +22,42 @@ def test_round_trip_keeps_every_switch(tmp_path):
     config = HFGPTConfig.from_preset("modern-tiny", rope_theta=500.0, norm_position="post", residual_dropout=0.1)
     config.save_pretrained(tmp_path)
     loaded = HFGPTConfig.from_pretrained(tmp_path)
-    for name in ("position_embedding_type", "rope_theta", "norm_type", "norm_position", "hidden_act",
-                 "num_key_value_heads", "bias", "residual_dropout", "intermediate_size", "tie_word_embeddings"):
+    for name in ("position_embedding_type", "rope_theta", "rope_parameters", "norm_type", "norm_position",
+                 "hidden_act", "num_key_value_heads", "bias", "residual_dropout", "intermediate_size",
+                 "tie_word_embeddings"):
         assert getattr(loaded, name) == getattr(config, name), name
+    assert loaded.rope_parameters == {"rope_type": "default", "rope_theta": 500.0}
     assert set(loaded.auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM",
-                                    "AutoModelForSequenceClassification"}
+                                    "AutoModelForSequenceClassification", "AutoModelForTokenClassification",
+                                    "AutoModelForQuestionAnswering"}
+
+
+def test_rope_scaling_is_transformers_rope_parameters(tmp_path):
+    config = HFGPTConfig.from_preset("modern-tiny", rope_parameters={"rope_type": "yarn", "factor": 4.0})
+    # completed as transformers completes it: the default theta, the trained context YaRN scales from
+    assert config.rope_parameters == {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                      "original_max_position_embeddings": 128}
+    config.save_pretrained(tmp_path)
+    assert HFGPTConfig.from_pretrained(tmp_path).rope_parameters == config.rope_parameters
+    # older spellings: rope_theta beside the dict, and transformers' rope_scaling
+    assert HFGPTConfig.from_preset("modern-tiny", rope_theta=500).rope_parameters == {"rope_type": "default",
+                                                                                       "rope_theta": 500.0}
+    legacy = HFGPTConfig.from_preset("modern-tiny", rope_theta=500.0, rope_scaling={"type": "linear", "factor": 2.0})
+    assert legacy.rope_parameters["rope_type"] == "linear" and legacy.rope_theta == 500.0
+
+
+def test_configs_saved_before_rope_parameters_still_load(tmp_path):
+    # config.json of earlier hfgpt versions: rope_theta as a field of its own, the four entries of auto_map then
+    HFGPTConfig.from_preset("modern-tiny").save_pretrained(tmp_path)
+    stored = json.loads((tmp_path / "config.json").read_text())
+    stored["rope_theta"] = stored.pop("rope_parameters")["rope_theta"] / 20
+    stored["auto_map"] = {k: v for k, v in stored["auto_map"].items() if "Token" not in k and "Question" not in k}
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    loaded = HFGPTConfig.from_pretrained(tmp_path)
+    assert loaded.rope_parameters == {"rope_type": "default", "rope_theta": 500.0} and loaded.rope_theta == 500.0
+    # and gain the heads added since, so that trust_remote_code finds them once saved again
+    assert loaded.auto_map["AutoModelForTokenClassification"] == "modeling_hfgpt.HFGPTForTokenClassification"
+    assert loaded.auto_map["AutoModelForQuestionAnswering"] == "modeling_hfgpt.HFGPTForQuestionAnswering"
 
 
 def test_presets():
@@ -68,7 +101,19 @@ def test_swiglu_default_width_keeps_the_mlp_parameter_count():
         (dict(attention_dropout=1.5), r"attention_dropout=1.5 must be a probability"),
         (dict(num_hidden_layers=0), r"num_hidden_layers=0 must be a positive integer"),
         (dict(hidden_size=12, num_attention_heads=4, position_embedding_type="rope"), r"even head_dim"),
-        (dict(rope_theta=-1.0), r"rope_theta"),
+        (dict(rope_theta=-1.0), r"rope_theta=-1.0 must be a positive number"),
+        (dict(position_embedding_type="rope", rope_parameters={"rope_type": "ntk"}),
+         r"rope_type'\]='ntk' is not supported; choose one of 'default', 'linear', 'dynamic', 'yarn', 'llama3'"),
+        (dict(position_embedding_type="rope", rope_parameters={"rope_type": "linear"}), r"needs 'factor'"),
+        (dict(position_embedding_type="rope", rope_parameters={"rope_type": "llama3", "factor": 8.0}),
+         r"needs 'low_freq_factor', 'high_freq_factor'"),
+        (dict(position_embedding_type="rope", rope_parameters={"rope_type": "linear", "factor": 0.5}),
+         r"factor=0.5 must be a number >= 1"),
+        (dict(position_embedding_type="rope", rope_parameters={"rope_type": "llama3", "factor": 8.0,
+                                                              "low_freq_factor": 4.0, "high_freq_factor": 1.0}),
+         r"low_freq_factor=4.0 must be below high_freq_factor=1.0"),
+        (dict(rope_parameters={"rope_type": "linear", "factor": 2.0}),
+         r"scales rotary positions, but this model has position_embedding_type='learned'"),
     ],
 )
 def test_bad_values_are_rejected_at_construction(overrides, message):
@@ -84,6 +129,8 @@ def test_from_pretrained_overrides_are_validated(tmp_path):
         AutoConfig.from_pretrained(tmp_path, norm_type="batchnorm")
     with pytest.raises(ValueError, match=r"hidden_size=66 is not divisible by num_attention_heads=4"):
         HFGPTConfig.from_pretrained(tmp_path, hidden_size=66)
+    with pytest.raises(ValueError, match=r"scales rotary positions"):
+        HFGPTConfig.from_pretrained(tmp_path, rope_parameters={"rope_type": "linear", "factor": 2.0})
 
 
 def test_every_preset_is_valid():

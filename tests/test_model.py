@@ -1,10 +1,21 @@
 """The model: every architecture switch, caches, masks, training hooks and the heads."""
 
+import copy
+
 import pytest
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from hfgpt import HFGPTConfig, HFGPTForCausalLM, HFGPTForSequenceClassification, HFGPTModel
+from hfgpt import (
+    HFGPTConfig,
+    HFGPTForCausalLM,
+    HFGPTForQuestionAnswering,
+    HFGPTForSequenceClassification,
+    HFGPTForTokenClassification,
+    HFGPTModel,
+)
+from hfgpt.modeling_hfgpt import HFGPTRotaryEmbedding
 
 VOCAB = 512
 
@@ -26,7 +37,13 @@ VARIANTS = {
     "dropout": dict(embedding_dropout=0.1, attention_dropout=0.1, residual_dropout=0.1),
     "modern": dict(position_embedding_type="rope", norm_type="rmsnorm", hidden_act="swiglu", num_key_value_heads=2,
                    bias=False),
+    "classic": dict(position_embedding_type="sinusoidal", norm_position="post", hidden_act="relu",
+                    tie_word_embeddings=False),
 }
+# The three architectures every transformers contract is checked on: GPT-2's (the default), the modern one and the
+# original Transformer's.
+ARCHITECTURES = {name: VARIANTS[key] for name, key in (("default", "learned"), ("modern", "modern"),
+                                                        ("classic", "classic"))}
 
 
 def make_model(seed=0, cls=HFGPTForCausalLM, **overrides):
@@ -268,19 +285,80 @@ def test_resize_token_embeddings_keeps_the_tie():
     assert model(random_ids(1, 4)).logits.shape[-1] == VOCAB + 10
 
 
-def test_hidden_states_and_attentions():
-    model = make_model()
-    ids = random_ids(2, 6)
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_hidden_states_and_attentions_are_captured_by_transformers_hooks(name):
+    model = make_model(**ARCHITECTURES[name])
     model.set_attn_implementation("eager")
+    ids = random_ids(2, 6)
+    n_layers = model.config.num_hidden_layers
     out = model(ids, output_hidden_states=True, output_attentions=True)
-    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
-    assert len(out.attentions) == model.config.num_hidden_layers
-    assert out.attentions[0].shape == (2, 4, 6, 6)
-    torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(2, 4, 6))
-    assert torch.all(out.attentions[0].triu(1) == 0)  # causal: nothing attends to the future
-    model.set_attn_implementation("sdpa")
-    with pytest.raises(ValueError, match="output_attentions=True needs the eager attention"):
-        model(ids, output_attentions=True)
+    assert len(out.hidden_states) == n_layers + 1
+    assert len(out.attentions) == n_layers
+    # the first is what enters the first block: token (+ position) embeddings
+    body = model.transformer
+    embeddings = body.wte(ids) + (body.wpe(torch.arange(6)[None]) if body.wpe is not None else 0)
+    torch.testing.assert_close(out.hidden_states[0], embeddings)
+    # then each block's output (checked against a copy cut after that block, without the final norm) ...
+    for k in range(1, n_layers):
+        cut = copy.deepcopy(body)
+        cut.h, cut.ln_f = cut.h[:k], torch.nn.Identity()
+        torch.testing.assert_close(out.hidden_states[k], cut(ids).last_hidden_state)
+    # ... and last the final hidden state, after the final norm
+    torch.testing.assert_close(out.hidden_states[-1], body(ids).last_hidden_state)
+    for weights in out.attentions:
+        assert weights.shape == (2, 4, 6, 6)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 6))
+        assert torch.all(weights.triu(1) == 0)  # causal: nothing attends to the future
+    # transformers' capture also selects layers: only the asked-for hidden states are kept
+    selected = model(ids, output_hidden_states=[0, -1]).hidden_states
+    assert len(selected) == n_layers + 1 and all(h is None for h in selected[1:-1])
+    torch.testing.assert_close(selected[0], out.hidden_states[0])
+    torch.testing.assert_close(selected[-1], out.hidden_states[-1])
+    # nothing is collected unless asked for, and return_dict=False gives the tuple
+    plain = model(ids)
+    assert plain.hidden_states is None and plain.attentions is None
+    as_tuple = model(ids, output_hidden_states=True, return_dict=False)
+    torch.testing.assert_close(as_tuple[0], out.logits)
+    assert len(as_tuple[-1]) == n_layers + 1
+
+
+def test_output_attentions_with_sdpa_does_what_transformers_models_do():
+    # transformers' own models do not raise here: SDPA computes no weights, so none come back (with a warning)
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4)).eval()
+    model = make_model()
+    assert model.config._attn_implementation == llama.config._attn_implementation == "sdpa"
+    ids = random_ids(2, 6)
+    ours = model(ids, output_attentions=True, output_hidden_states=True)
+    theirs = llama(ids, output_attentions=True, output_hidden_states=True)
+    assert type(ours.attentions) is type(theirs.attentions)
+    assert len(ours.attentions) == len(theirs.attentions)
+    assert len(ours.hidden_states) == len(theirs.hidden_states) == 3
+    torch.testing.assert_close(ours.logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_packed_row_longer_than_the_context(name):
+    # what must fit the position table is each document's largest position, not the row
+    model = make_model(max_position_embeddings=16, **ARCHITECTURES[name])
+    docs = [random_ids(1, n, seed=n)[0] for n in (10, 9, 12)]  # 31 tokens, none past position 11
+    packed = torch.cat(docs)[None]
+    position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    logits = model(packed, position_ids=position_ids).logits[0]
+    start = 0
+    for doc in docs:
+        torch.testing.assert_close(logits[start:start + len(doc)], model(doc[None]).logits[0], atol=1e-5, rtol=1e-5)
+        start += len(doc)
+    model.train()
+    assert torch.isfinite(model(packed, position_ids=position_ids, labels=packed).loss)
+    model.eval()
+    # a position that really is off the table is still a clear error (rotary positions have no table)
+    if model.transformer.wpe is not None:
+        with pytest.raises(ValueError, match="reaches position 17.*max_position_embeddings=16"):
+            model(random_ids(1, 4), position_ids=torch.arange(14, 18)[None])
+    else:
+        assert model(random_ids(1, 4), position_ids=torch.arange(14, 18)[None]).logits.shape == (1, 4, VOCAB)
 
 
 def test_input_longer_than_learned_positions_is_a_clear_error():
@@ -291,6 +369,55 @@ def test_input_longer_than_learned_positions_is_a_clear_error():
         model.generate(random_ids(1, 10), max_new_tokens=10, do_sample=False, pad_token_id=0)
     rope = make_model(max_position_embeddings=16, position_embedding_type="rope")
     assert rope(random_ids(1, 17)).logits.shape == (1, 17, VOCAB)  # rotary positions extrapolate
+
+
+ROPE_SCALINGS = {
+    "linear": dict(rope_type="linear", factor=2.0),
+    "dynamic": dict(rope_type="dynamic", factor=2.0),
+    "yarn": dict(rope_type="yarn", factor=4.0),
+    "llama3": dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8),
+}
+
+
+@pytest.mark.parametrize("scaling", ["default", *ROPE_SCALINGS])
+def test_rope_frequencies_are_transformers_own_as_in_llama(scaling):
+    rope_parameters = dict(ROPE_SCALINGS.get(scaling, dict(rope_type="default")), rope_theta=500.0)
+    ours = HFGPTRotaryEmbedding(HFGPTConfig.from_preset("modern-tiny", max_position_embeddings=16,
+                                                        rope_parameters=rope_parameters))
+    llama = LlamaRotaryEmbedding(LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=16,
+                                             rope_parameters=dict(rope_parameters)))
+    x = torch.zeros(1)
+    for length in (10, 50, 10):  # past the trained context and back: dynamic grows its table, then resets it
+        positions = torch.arange(length)[None]
+        for a, b in zip(ours(x, positions), llama(x, positions)):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_rope_scaling_runs_a_saved_model_past_its_context(tmp_path):
+    model = make_model(max_position_embeddings=16, **dict(VARIANTS["modern"], rope_theta=500.0))
+    model.save_pretrained(tmp_path)
+    ids = random_ids(1, 12)
+    ones = torch.ones_like(ids)  # a mask, so the stretched positions below are not read as packed documents
+    plain = model(ids, attention_mask=ones).logits
+    # linear scaling by 2 is position interpolation: position 2p of the scaled model is position p of the original
+    linear = HFGPTForCausalLM.from_pretrained(tmp_path, rope_parameters=ROPE_SCALINGS["linear"]).eval()
+    assert linear.config.rope_parameters == {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}
+    stretched = linear(ids, attention_mask=ones, position_ids=2 * torch.arange(12)[None]).logits
+    torch.testing.assert_close(stretched, plain, atol=1e-5, rtol=1e-5)
+    # dynamic NTK scaling leaves the trained context alone and changes only what lies past it
+    dynamic = HFGPTForCausalLM.from_pretrained(tmp_path, rope_parameters=ROPE_SCALINGS["dynamic"]).eval()
+    torch.testing.assert_close(dynamic(ids).logits, model(ids).logits, atol=1e-6, rtol=1e-6)
+    long = random_ids(1, 40)
+    assert not torch.allclose(dynamic(long).logits, model(long).logits, atol=1e-4)
+    for scaling in ("yarn", "llama3"):
+        scaled = HFGPTForCausalLM.from_pretrained(tmp_path, rope_parameters=ROPE_SCALINGS[scaling]).eval()
+        assert not torch.allclose(scaled(ids).logits, plain, atol=1e-4)
+        # generating well past the trained context of 16 tokens, with the cache, as without it
+        prompt = random_ids(1, 6)
+        cached = scaled.generate(prompt, max_new_tokens=40, do_sample=False, pad_token_id=0)
+        uncached = scaled.generate(prompt, max_new_tokens=40, do_sample=False, pad_token_id=0, use_cache=False)
+        assert cached.shape == (1, 46) and torch.equal(cached, uncached)
 
 
 def test_base_model_returns_hidden_states():
@@ -372,3 +499,56 @@ def test_flex_attention_agrees_with_eager_in_inference():
         flex = model(ids, attention_mask=mask).logits
     torch.testing.assert_close(flex[1], eager[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(flex[0, 3:], eager[0, 3:], atol=1e-5, rtol=1e-5)
+
+
+class TestTokenClassificationAndQuestionAnswering:
+    """transformers' generic heads on hfgpt's stack, as Llama has them."""
+
+    @pytest.mark.parametrize("name", ARCHITECTURES)
+    def test_token_classification_labels_every_token_and_learns(self, name):
+        model = make_model(cls=HFGPTForTokenClassification, num_labels=3, **ARCHITECTURES[name])
+        assert isinstance(model.transformer, HFGPTModel)
+        ids = random_ids(4, 8)
+        logits = model(ids).logits
+        assert logits.shape == (4, 8, 3)
+        # causal: a token's label is read from what it has seen, so later tokens do not change it
+        changed = ids.clone()
+        changed[:, 5:] = random_ids(4, 3, seed=9)
+        torch.testing.assert_close(model(changed).logits[:, :5], logits[:, :5])
+        # learns a rule it can see: the label is the token id modulo 3 (ignored positions: -100)
+        labels = ids % 3
+        labels[0, :2] = -100
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(40):
+            loss = model(ids, labels=labels).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        predicted = model(ids).logits.argmax(-1)
+        assert torch.equal(predicted[labels != -100], labels[labels != -100])
+
+    @pytest.mark.parametrize("name", ARCHITECTURES)
+    def test_question_answering_points_at_a_span_and_learns(self, name):
+        model = make_model(cls=HFGPTForQuestionAnswering, **ARCHITECTURES[name])
+        assert model.get_input_embeddings() is model.transformer.wte
+        ids = random_ids(4, 10)
+        # the answer is the token after the marker token 1 through the one after marker 2
+        starts, ends = torch.tensor([2, 4, 1, 5]), torch.tensor([4, 7, 3, 8])
+        ids[torch.arange(4), starts - 1] = 1
+        ids[torch.arange(4), ends - 1] = 2
+        out = model(ids, start_positions=starts, end_positions=ends)
+        assert out.start_logits.shape == out.end_logits.shape == (4, 10)
+        first = out.loss.item()
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(40):
+            loss = model(ids, start_positions=starts, end_positions=ends).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        out = model(ids)
+        assert loss.item() < 0.2 * first
+        assert torch.equal(out.start_logits.argmax(-1), starts) and torch.equal(out.end_logits.argmax(-1), ends)
