@@ -75,8 +75,9 @@ def load_pair(source, exported):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"bias": True, "tie_word_embeddings": False, "rope_theta": 500.0, "num_key_value_heads": 1, "norm_eps": 1e-6}],
-    ids=["modern-tiny", "biases-untied-theta-mqa-eps"],
+    [{}, {"bias": True, "tie_word_embeddings": False, "rope_theta": 500.0, "num_key_value_heads": 1, "norm_eps": 1e-6},
+     {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}}],
+    ids=["modern-tiny", "biases-untied-theta-mqa-eps", "yarn-scaling"],
 )
 def test_llama_export_has_the_same_logits_on_a_padded_batch(tmp_path, tiny_tokenizer, overrides):
     source = save_model(tmp_path / "hfgpt", tiny_tokenizer, **overrides)
@@ -85,6 +86,7 @@ def test_llama_export_has_the_same_logits_on_a_padded_batch(tmp_path, tiny_token
     assert isinstance(llama, LlamaForCausalLM)
     assert llama.config.tie_word_embeddings == hfgpt.config.tie_word_embeddings
     assert llama.config.num_key_value_heads == hfgpt.config.num_key_value_heads
+    assert llama.config.rope_parameters["rope_type"] == hfgpt.config.rope_parameters["rope_type"]
     input_ids, attention_mask = padded_batch()
     with torch.no_grad():
         expected = hfgpt(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -238,14 +240,17 @@ def test_portable_chat_template_renders_like_transformers(tiny_tokenizer):
 
 
 @pytest.mark.parametrize(
-    "overrides, switch",
-    [(dict(norm_position="post"), "norm_position='post'"), (dict(hidden_act="gelu"), "hidden_act='gelu'"),
-     (dict(bias=False), "bias=False"), (dict(num_key_value_heads=2), "num_key_value_heads=2"),
-     (dict(position_embedding_type="sinusoidal"), "position_embedding_type='sinusoidal'")],
-    ids=["post-norm", "exact-gelu", "no-bias", "gqa-without-rope", "sinusoidal"],
+    "preset, overrides, switch",
+    [("tiny", dict(norm_position="post"), "norm_position='post'"),
+     ("tiny", dict(hidden_act="gelu"), "hidden_act='gelu'"),
+     ("tiny", dict(bias=False), "bias=False"), ("tiny", dict(num_key_value_heads=2), "num_key_value_heads=2"),
+     ("tiny", dict(position_embedding_type="sinusoidal"), "position_embedding_type='sinusoidal'"),
+     ("modern-tiny", dict(norm_type="layernorm"), "norm_type='layernorm'"),
+     ("modern-tiny", dict(rope_parameters={"rope_type": "linear", "factor": 2.0}), "rope_type='linear'")],
+    ids=["post-norm", "exact-gelu", "no-bias", "gqa-without-rope", "sinusoidal", "rope-layernorm", "rope-scaling"],
 )
-def test_gguf_refuses_what_neither_llama_nor_gpt2_holds(tmp_path, tiny_tokenizer, capsys, overrides, switch):
-    source = save_model(tmp_path / "hfgpt", tiny_tokenizer, preset="tiny", **overrides)
+def test_gguf_refuses_what_neither_llama_nor_gpt2_holds(tmp_path, tiny_tokenizer, capsys, preset, overrides, switch):
+    source = save_model(tmp_path / "hfgpt", tiny_tokenizer, preset=preset, **overrides)
     code, _, error = run(capsys, "export", "--to", "gguf", str(source), str(tmp_path / "model.gguf"))
     assert code == 1
     assert len(error.splitlines()) == 1 and switch in error

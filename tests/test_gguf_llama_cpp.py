@@ -173,7 +173,8 @@ def test_llama_cpp_chat_renders_the_template_and_answers_like_hfgpt_chat(llama_c
     builds the same prompt and, greedy, gives the same answer as `hfgpt chat`."""
     llm, model = llama_cpp_model(architecture, "f32"), trained[architecture][1]
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"},
-                {"role": "assistant", "content": "Hello! 🙂"}, {"role": "user", "content": "Where is the\nred house?"}]
+                {"role": "assistant", "content": "Hello! 🙂"},
+                {"role": "user", "content": "Where is the\nred house?"}]
     formatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter(
         template=llm.metadata["tokenizer.chat_template"], eos_token=tiny_tokenizer.eos_token,
         bos_token=tiny_tokenizer.bos_token)

@@ -36,8 +36,9 @@ def check_source(source: str) -> None:
     if (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
         raise ValueError(
             f"{source} holds only a LoRA adapter; merge it into its base model first (peft: "
-            "model.merge_and_unload().save_pretrained(DIR)) or export the merged directory that `hfgpt sft/dpo/classify "
-            "--lora` writes (the output directory itself; the adapter is its adapter/ subdirectory)."
+            "model.merge_and_unload().save_pretrained(DIR)) or export the merged directory that "
+            "`hfgpt sft/dpo/classify --lora` writes (the output directory itself; the adapter is its adapter/ "
+            "subdirectory)."
         )
     if not (path / "config.json").is_file():
         raise ValueError(f"{source} has no config.json: it is not a model directory.")
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--to", required=True, choices=list(EXPORTERS),
                         help="llama: RoPE + RMSNorm + SwiGLU models (the 'modern' presets); gpt2: GPT-2 shaped models "
-                             "(learned positions, LayerNorm, GELU); gguf: either of those, as llama.cpp's llama or gpt2")
+                             "(learned positions, LayerNorm, GELU); gguf: either of those, as llama.cpp's llama or "
+                             "gpt2")
     parser.add_argument("source", metavar="SOURCE", help="the hfgpt model directory (a causal LM, not an adapter)")
     parser.add_argument("output", metavar="OUTPUT", help="the directory (llama, gpt2) or .gguf file (gguf) to write")
     parser.add_argument("--dtype", choices=DTYPES, default=None,

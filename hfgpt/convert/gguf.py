@@ -99,7 +99,8 @@ def byte_level_bpe_vocab(tokenizer: PreTrainedTokenizerBase, vocab_size: int) ->
         )
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
-        raise ValueError(f"The tokenizer has ids up to {max(vocab.values())}, beyond the model's vocab_size={vocab_size}.")
+        raise ValueError(f"The tokenizer has ids up to {max(vocab.values())}, beyond the model's "
+                         f"vocab_size={vocab_size}.")
     by_id = {index: token for token, index in vocab.items()}
     added = tokenizer.added_tokens_decoder  # id -> AddedToken: special ones are CONTROL, the others USER_DEFINED
     tokens, types = [], []

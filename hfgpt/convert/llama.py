@@ -12,8 +12,9 @@ hfgpt configured with RoPE, RMSNorm, pre-norm and a SwiGLU MLP (the `modern` pre
     lm_head                                 lm_head
 
 Both rotate queries and keys the same way (transformers' rotate_half convention, inverse frequencies
-theta^(-2i/head_dim)), so no tensor changes, only its name. What Llama has flags for is mapped (biases, tied
-embeddings, the RoPE parameters, grouped-query attention, the norm epsilon); anything else is refused with the switch named.
+theta^(-2i/head_dim), or a RoPE scaling through the same transformers functions), so no tensor changes, only its
+name. What Llama has flags for is mapped (biases, tied embeddings, the RoPE parameters, grouped-query attention, the
+norm epsilon); anything else is refused with the switch named.
 Dropout probabilities other than attention's have no Llama field; they only act in training, so they are not carried.
 """
 
