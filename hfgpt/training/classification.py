@@ -78,7 +78,7 @@ class ClassificationArguments:
                                         "flag or separate paths with commas.", "action": "extend"})
     validation_file: list[str] | None = field(
         default=None, metadata={"help": "Validation rows (same formats). Default: the dataset's validation split, "
-                                        "or the last --validation_split_percentage % of the training rows.",
+                                        "or the last --validation_split_percentage percent of the training rows.",
                                 "action": "extend"})
     dataset_name: str | None = field(
         default=None, metadata={"help": "A Hub dataset id or a directory written by save_to_disk (instead of files)."})

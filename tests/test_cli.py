@@ -1,0 +1,61 @@
+"""The `hfgpt` command as a new user first meets it: every subcommand's --help, and no alarming noise."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+# In a fresh process, as a user runs it: every command's --help (and every evaluation's), the help text it printed,
+# and whether bitsandbytes got imported (transformers' Trainer imports it through PEFT) -- its offline warnings about
+# an optional CPU kernel must not reach the user.
+CHILD = textwrap.dedent(
+    """
+    import contextlib, io, json, sys
+    from hfgpt.cli import COMMANDS, main
+    from hfgpt.evaluation.cli import EVALUATIONS
+
+    results = {}
+    for argv in [[name, "--help"] for name in COMMANDS] + [["eval", name, "--help"] for name in EVALUATIONS]:
+        out = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out):
+                code = main(argv)
+        except SystemExit as exit:
+            code = exit.code
+        except Exception as error:
+            code = f"{type(error).__name__}: {error}"
+        results[" ".join(argv)] = {"code": code, "help": out.getvalue()}
+    print(json.dumps({"results": results, "bitsandbytes_imported": "bitsandbytes" in sys.modules}))
+    """
+)
+
+
+def test_every_subcommand_help_works_and_prints_no_bitsandbytes_warning(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=900, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    results = report["results"]
+    assert {"classify --help", "pretrain --help", "eval perplexity --help"} <= set(results)
+    for argv, result in results.items():
+        assert result["code"] in (0, None), (argv, result["code"])
+        assert "usage:" in result["help"] and "--" in result["help"], (argv, result["help"][-500:])
+    assert "--validation_split_percentage percent" in results["classify --help"]["help"]
+    # the warnings come when bitsandbytes is imported: it was, and nothing of them was printed
+    assert report["bitsandbytes_imported"]
+    for noise in ("gemm_4bit_forward", "kernels-community"):
+        assert noise not in done.stderr and noise not in done.stdout, done.stderr[-3000:]
+
+
+def test_other_bitsandbytes_warnings_still_show(caplog):
+    import logging
+
+    import hfgpt  # noqa: F401 (installs the filter)
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: offline")
+        logger.warning("something else went wrong")
+    assert [record.getMessage() for record in caplog.records] == ["something else went wrong"]
