@@ -289,6 +289,27 @@ def test_clear_errors(tmp_path, corpus_file, tokenizer_dir, capsys, extra, messa
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ("hiden_size=8", "unknown config field(s) hiden_size"),
+    ("norm_type=batchnorm", "norm_type='batchnorm' is not supported"),
+])
+def test_config_overrides_are_checked_before_any_data_or_tokenizer_work(tmp_path, corpus_file, capsys, monkeypatch,
+                                                                        overrides, message):
+    import hfgpt.training.pretrain as pretrain
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("data were read (and a tokenizer would be trained) before the config was checked")
+
+    monkeypatch.setattr(pretrain, "load_training_rows", too_late)
+    monkeypatch.setattr(pretrain, "load_or_train_tokenizer", too_late)
+    args = ["--output_dir", str(tmp_path / "out"), "--train_file", corpus_file, "--vocab_size", "300",
+            "--preset", "tiny", "--config_overrides", overrides, "--report_to", "none"]
+    assert main(args) == 1
+    assert message in capsys.readouterr().err
+    # the older spelling of the RoPE base is still an override
+    assert pretrain.build_config("tiny", {"position_embedding_type": "rope", "rope_theta": 500}, None).rope_theta == 500
+
+
 def test_empty_corpus(tmp_path, tokenizer_dir, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n\n")

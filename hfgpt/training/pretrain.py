@@ -16,6 +16,7 @@ and data arguments of `PretrainArguments`. The steps:
 
 from __future__ import annotations
 
+import inspect
 import shutil
 import sys
 import time
@@ -184,17 +185,20 @@ def _parse_value(value: str):
     return value
 
 
-def build_config(preset: str, overrides: dict, tokenizer: PreTrainedTokenizerBase) -> HFGPTConfig:
-    """The preset, sized to the tokenizer, with its special tokens, then the user's overrides."""
-    known = set(HFGPTConfig().to_dict()) | set(HFGPTConfig.attribute_map)
+def build_config(preset: str, overrides: dict, tokenizer: PreTrainedTokenizerBase | None) -> HFGPTConfig:
+    """The preset, sized to the tokenizer, with its special tokens, then the user's overrides. With no tokenizer yet,
+    the preset and the overrides alone: the same checks, before any time goes into data or a tokenizer."""
+    known = ({name for name in inspect.signature(HFGPTConfig.__init__).parameters if name not in ("self", "kwargs")}
+             | set(HFGPTConfig().to_dict()) | set(HFGPTConfig.attribute_map))
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"--config_overrides: unknown config field(s) {', '.join(unknown)}; HFGPTConfig fields "
                          f"include {', '.join(sorted(k for k in HFGPTConfig().to_dict() if not k.startswith('_')))}.")
-    tokens = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id)
+    tokens = {} if tokenizer is None else dict(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
     config = HFGPTConfig.from_preset(preset, **{**tokens, **overrides})
-    if config.vocab_size < len(tokenizer):
+    if tokenizer is not None and config.vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size={config.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens; "
                          "remove vocab_size from --config_overrides (it is taken from the tokenizer).")
     return config
@@ -314,11 +318,13 @@ def prepare_pretraining(args: PretrainArguments, training_args: PretrainingArgum
     resume_checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, output_dir)
     if args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming data has no length, so the run needs --max_steps.")
+    overrides = parse_config_overrides(args.config_overrides)
+    build_config(args.preset, overrides, tokenizer=None)  # a misspelt override fails now, not after a tokenizer
 
     raw, data_description = load_training_rows(args)
     with training_args.main_process_first(desc="tokenizer", local=False):
         tokenizer, tokenizer_source = load_or_train_tokenizer(args, training_args, raw, resume_checkpoint)
-    config = build_config(args.preset, parse_config_overrides(args.config_overrides), tokenizer)
+    config = build_config(args.preset, overrides, tokenizer)
     block_size = args.block_size or config.max_position_embeddings
     check_block_size(block_size, config.max_position_embeddings)
     tokenizer.model_max_length = config.max_position_embeddings
