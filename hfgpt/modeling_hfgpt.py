@@ -301,6 +301,8 @@ class HFGPTPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+    # a classifier (or QA / tagging) head starts from a causal LM's checkpoint: its output head is expected there
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
     # transformers' output capture: forward hooks record each block's output (hidden_states) and each attention's
     # weights when output_hidden_states / output_attentions ask for them, so the forward pass collects nothing itself
     _can_record_outputs = {"hidden_states": HFGPTBlock, "attentions": HFGPTAttention}

@@ -295,7 +295,10 @@ def test_classify_qlora_end_to_end(base_dir, tmp_path):
     predicted = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predicted) == 12  # 20% of 60 rows
     assert sum(row["correct"] for row in predicted) / 12 == pytest.approx(summary["final_metrics"]["merged_accuracy"])
-    assert PeftConfig.from_pretrained(out / "adapter").base_model_name_or_path == base_dir
+    # the adapter names a base of its own: the classifier's config (its labels) over base_dir's weights
+    adapter_base = PeftConfig.from_pretrained(out / "adapter").base_model_name_or_path
+    assert adapter_base == str((out / "adapter" / "base").resolve())
+    assert json.loads((out / "adapter" / "base" / "config.json").read_text())["id2label"] == {"0": "ham", "1": "spam"}
     merged = AutoModelForSequenceClassification.from_pretrained(out)
     assert merged.config.id2label == {0: "ham", 1: "spam"}
     assert merged.transformer.h[0].attn.q_proj.weight.dtype == torch.float32

@@ -138,6 +138,38 @@ def test_classifier_head_is_saved_with_the_adapter(base_dir, tmp_path):
     torch.testing.assert_close(_logits(merged), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_peft_auto_class_alone_gives_back_the_trained_classifier_and_its_labels(tmp_path, capfd, tied):
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    HFGPTForCausalLM(HFGPTConfig.from_preset("tiny", tie_word_embeddings=tied)).save_pretrained(base)
+    args = PeftArguments(lora=True, lora_dropout=0.0)
+    model, _ = _train(add_lora(_classifier(base, args), args, "SEQ_CLS"), steps=20)
+    adapter_dir = save_adapter_and_merge(model, tmp_path / "out")
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+
+    capfd.readouterr()
+    # as the README says to load it: PEFT's Auto class and the adapter directory, nothing else
+    loaded = AutoPeftModelForSequenceClassification.from_pretrained(adapter_dir).eval()
+    report = "".join(capfd.readouterr())
+    assert "MISSING" not in report and "UNEXPECTED" not in report, report
+    assert loaded.config.id2label == LABELS["id2label"] and loaded.config.num_labels == 3
+    _, _, labels = _batch()
+
+    def predicted_names(m):  # on the training rows, which the classifier has learned
+        return [m.config.id2label[i] for i in _logits(m, seed=1).argmax(-1).tolist()]
+
+    expected_names = [LABELS["id2label"][i] for i in labels.tolist()]
+    assert predicted_names(loaded) == predicted_names(merged) == expected_names  # accuracy 1.0, as merged
+    torch.testing.assert_close(_logits(loaded), _logits(merged), atol=1e-5, rtol=1e-5)
+    # the adapter's base holds the pretrained weights as they are (hard-linked where the file system allows)
+    linked = adapter_dir / "base" / "base-model.safetensors"
+    assert linked.read_bytes() == (base / "model.safetensors").read_bytes()
+
+
 def test_qlora_trains_saves_and_reloads(base_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification

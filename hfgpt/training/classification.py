@@ -547,8 +547,8 @@ def _print_report(metrics: dict, report: dict, output_dir: Path) -> None:
         print(f"Saved the classifier to {output_dir} (AutoModelForSequenceClassification.from_pretrained("
               f"'{output_dir}'){'; the adapter is in ' + str(adapter) if adapter.is_dir() else ''}).")
     else:
-        print(f"Saved the adapter to {adapter} (AutoPeftModelForSequenceClassification.from_pretrained('{adapter}', "
-              "num_labels=...), or hfgpt.training.peft.merge_adapter).")
+        print(f"Saved the adapter to {adapter} (AutoPeftModelForSequenceClassification.from_pretrained('{adapter}'), "
+              "with its label names, or hfgpt.training.peft.merge_adapter).")
 
 
 def run_classification(args: ClassificationArguments, training_args: ClassificationTrainingArguments,

@@ -17,7 +17,9 @@ base in float32, so a QLoRA adapter merges into the original weights, not into t
 from __future__ import annotations
 
 import copy
+import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,13 +318,63 @@ def merge_adapter(adapter_dir: str | os.PathLike, config=None):
     return model.merge_and_unload()
 
 
+def write_classifier_base(model, adapter_dir: Path, config) -> Path:
+    """PEFT's Auto classes build an adapter's base from its `base_model_name_or_path`, with that directory's config:
+    a pretrained language model's, which has no label names (and two labels). So a classifier's adapter gets a base of
+    its own, <adapter>/base: the classifier's config (labels), the modelling code, the pretrained weights, hard-linked
+    where the file system allows (not a second copy) and copied where not, and the trained head (so nothing is
+    "missing" when it loads). The adapter then names that base. Returns it."""
+    from huggingface_hub import snapshot_download
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .. import configuration_hfgpt, modeling_hfgpt
+
+    source = Path(model.peft_config[model.active_adapter].base_model_name_or_path)
+    if not source.is_dir():  # a Hub id: its files in the local cache
+        source = Path(snapshot_download(str(source), allow_patterns=["*.safetensors", "*.safetensors.index.json"]))
+    base_dir = adapter_dir / "base"
+    shutil.rmtree(base_dir, ignore_errors=True)
+    base_dir.mkdir(parents=True)
+    index = source / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    else:
+        with safe_open(source / "model.safetensors", "pt") as handle:
+            weight_map = dict.fromkeys(handle.keys(), "model.safetensors")
+    # linked under other names: a model.safetensors would be read instead of the index that adds the head
+    weight_map = {key: f"base-{name}" for key, name in weight_map.items()}
+    for name in set(weight_map.values()):
+        original = (source / name.removeprefix("base-")).resolve()
+        try:
+            os.link(original, base_dir / name)
+        except OSError:  # another file system, or no hard links: a copy
+            shutil.copy2(original, base_dir / name)
+    head = model.base_model.model.get_submodule(CLASSIFIER_HEAD).modules_to_save[model.active_adapter]
+    head_tensors = {f"{CLASSIFIER_HEAD}.{name}": tensor.detach().float().cpu().contiguous()
+                    for name, tensor in head.state_dict().items()}
+    save_file(head_tensors, base_dir / "head.safetensors", metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(head_tensors, "head.safetensors"))
+    files.write_json(base_dir / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
+    config.save_pretrained(base_dir)
+    for module in (configuration_hfgpt, modeling_hfgpt):  # for trust_remote_code, as save_pretrained ships them
+        shutil.copy(module.__file__, base_dir)
+    adapter_config = adapter_dir / "adapter_config.json"
+    files.write_json(adapter_config, {**json.loads(adapter_config.read_text()),
+                                      "base_model_name_or_path": str(base_dir.resolve())})
+    return base_dir
+
+
 def save_adapter_and_merge(model, output_dir: str | os.PathLike, tokenizer=None, merge: bool = True) -> Path:
     """The end of a LoRA / QLoRA run: the adapter into <output_dir>/adapter (with the model config, so its labels
-    survive) and, with `merge`, the merged model into <output_dir> itself (safetensors, config, modelling code,
-    tokenizer), where every hfgpt tool expects a model. Returns the adapter directory."""
+    survive, and for a classifier a base that has them, so that PEFT's Auto class gives the trained classifier back)
+    and, with `merge`, the merged model into <output_dir> itself (safetensors, config, modelling code, tokenizer),
+    where every hfgpt tool expects a model. Returns the adapter directory."""
     adapter_dir = save_adapter(model, output_dir, tokenizer)
     config = plain_config(model.config)
     config.save_pretrained(adapter_dir)  # labels and pad id for merge_adapter; PEFT ignores it when loading
+    if model.peft_config[model.active_adapter].task_type == "SEQ_CLS":
+        write_classifier_base(model, adapter_dir, config)
     if merge:
         merged = merge_adapter(adapter_dir, config=config)
         merged.save_pretrained(output_dir)
