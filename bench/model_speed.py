@@ -1,76 +1,109 @@
 """Speed of hfgpt against transformers' GPT2LMHeadModel at equal shapes, measured in the same process.
 
-For each shape, both models get the same config (hfgpt's GPT-2-equivalent switches: learned positions, pre-norm
-LayerNorm, gelu_new, biases, tied embeddings, no dropout), the same weights (converted with hfgpt.convert) and
-the sdpa attention. Measured, as tokens per second:
+Both models get the same config (hfgpt's GPT-2-equivalent switches: learned positions, pre-norm LayerNorm, gelu_new,
+biases, tied embeddings, no dropout), the same weights (converted with hfgpt.convert), the sdpa attention, the same
+data and the optimizer Trainer uses by default (fused AdamW). Measured, as tokens per second:
 
-    train        forward + backward + AdamW step on a (batch, context) block; tokens = batch * context
-    generate bN  greedy KV-cache generation (`generate`, do_sample=False) of N prompts; tokens = N * max_new_tokens
+    train        forward + backward + optimizer step on a (batch, context) block; tokens = batch * context, in:
+                   fp32 eager      both models as they come
+                   bf16 eager      both under torch.autocast(bfloat16), as Trainer's --bf16 runs them
+                   hfgpt default   hfgpt as `hfgpt pretrain` trains it on this hardware: bf16 where the device computes
+                                   it natively, torch.compile where a compiler is available (hfgpt.hardware)
+    generate bN  greedy decoding of N prompts (tokens = N * new tokens): GPT-2's `generate()` against hfgpt's
+                 compiled static-cache decoding (hfgpt.generation.generate), whose tokens are checked against hfgpt's
+                 own `generate()` and GPT-2's
+    memory       peak resident memory (VmHWM) of a process during training steps, one fresh process per setting
 
-Runs alternate between the two models (hfgpt, GPT-2, then GPT-2, hfgpt, ...) after a warm-up, and the table gives
-the median over the repeats and the ratio of the medians, hfgpt / GPT-2 (> 1: hfgpt is faster), with the range of
-the per-repeat ratios to show the noise. A benchmark, not a test: nothing is asserted about speed.
+Runs alternate between the settings after a warm-up (which includes compilation; its time is printed), and the table
+gives medians over the repeats, the ratio of the medians (> 1: hfgpt is faster) with the range of per-repeat ratios,
+and each side's model FLOPs utilisation (hfgpt.flops: 6N + 12LdT per trained token) against the fp32 and the bf16
+matmul peaks measured in the same run. A benchmark, not a test: nothing is asserted about speed.
 
-    python bench/model_speed.py            # both shapes, default repeats
-    python bench/model_speed.py --quick    # a short run (smaller batches, fewer repeats)
-    python bench/model_speed.py --threads 1 --timer cpu   # on a CPU shared with other busy processes
+    python bench/model_speed.py              # the `small` shape (the README's table)
+    python bench/model_speed.py --quick      # a short run (smaller batch, fewer repeats, no memory processes)
+    python bench/model_speed.py --shapes tiny small-gpt2vocab --threads 1 --timer cpu   # on a busy shared CPU
 
-On a busy shared CPU, elapsed (wall) time mostly measures the other processes: several torch threads contending for
-the same cores can run many times slower than one. `--threads 1 --timer cpu` counts only this process's CPU time,
-which is what to compare the two implementations with there; the per-run range column shows what noise remains.
+On a busy shared CPU, elapsed (wall) time mostly measures the other processes (check `uptime` first). `--threads 1
+--timer cpu` counts only this process's CPU time; the per-run range column shows what noise remains.
 """
 
 import argparse
+import copy
 import dataclasses
+import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
-from hfgpt import HFGPTConfig, HFGPTForCausalLM
+from hfgpt import HFGPTConfig, HFGPTForCausalLM, flops
 from hfgpt.convert.gpt2 import gpt2_config_from_hfgpt, gpt2_state_dict_from_hfgpt
+from hfgpt.generation import generate as compiled_generate
+from hfgpt.hardware import compiler_available, native_bf16
+from hfgpt.training.speed import attention_for_compiled_training, compile_with_fallback
 
 GPT2_VOCAB = 50257
 # name -> HFGPTConfig keyword arguments. Dropout is off in both models so training steps do the same work.
 SHAPES = {
     "tiny": dict(preset="tiny"),
-    # the `small` preset (6 layers, width 384, 6 heads, context 256) with GPT-2's vocabulary
+    "small": dict(preset="small"),  # 6 layers, width 384, 6 heads, context 256, vocabulary 8,192
     "small-gpt2vocab": dict(preset="small", vocab_size=GPT2_VOCAB),
+    "mini": dict(preset="mini"),  # the main job's model (`hfgpt pretrain` with no arguments)
 }
 
 
 @dataclasses.dataclass
 class Workload:
     train_batch: int
-    train_length: int | None  # None: the model's context
     generate_batches: tuple[int, ...]
     prompt_length: int
     new_tokens: int
     repeats: int
     warmup: int
     min_seconds: float  # shortest measurement
+    memory: bool
 
 
-FULL = Workload(train_batch=4, train_length=None, generate_batches=(1, 4), prompt_length=16, new_tokens=48,
-                repeats=5, warmup=2, min_seconds=1.0)
-QUICK = Workload(train_batch=2, train_length=None, generate_batches=(1, 4), prompt_length=16, new_tokens=24,
-                 repeats=3, warmup=1, min_seconds=0.3)
-
+FULL = Workload(train_batch=4, generate_batches=(1, 4), prompt_length=16, new_tokens=48, repeats=5, warmup=2,
+                min_seconds=1.0, memory=True)
+QUICK = Workload(train_batch=2, generate_batches=(1, 4), prompt_length=16, new_tokens=24, repeats=3, warmup=2,
+                 min_seconds=0.3, memory=False)
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def build_models(shape: dict, device: torch.device) -> dict[str, torch.nn.Module]:
-    """hfgpt and GPT-2 with the same config and the same weights, both on sdpa attention."""
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    model: str  # hfgpt | gpt2
+    bf16: bool
+    compiled: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.model} {'bf16' if self.bf16 else 'fp32'}{' compiled' if self.compiled else ''}"
+
+
+def hfgpt_default_setting(device: torch.device) -> Setting:
+    """What `hfgpt pretrain` picks on this hardware (hfgpt.training.speed.resolve_speed_settings)."""
+    return Setting("hfgpt", native_bf16(device)[0], compiler_available(device)[0])
+
+
+def build_config(shape: dict) -> HFGPTConfig:
     overrides = {key: value for key, value in shape.items() if key != "preset"}
-    config = HFGPTConfig.from_preset(shape["preset"], embedding_dropout=0.0, attention_dropout=0.0,
-                                     residual_dropout=0.0, bos_token_id=0, eos_token_id=0, **overrides)
+    return HFGPTConfig.from_preset(shape["preset"], embedding_dropout=0.0, attention_dropout=0.0,
+                                   residual_dropout=0.0, bos_token_id=0, eos_token_id=0, **overrides)
+
+
+def build_models(config: HFGPTConfig, device: torch.device) -> dict[str, torch.nn.Module]:
+    """hfgpt and GPT-2 with the same config and the same weights, both on sdpa attention."""
     torch.manual_seed(0)
     hfgpt = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    gpt2_config = gpt2_config_from_hfgpt(config)
-    gpt2 = AutoModelForCausalLM.from_config(gpt2_config, attn_implementation="sdpa")
+    gpt2 = AutoModelForCausalLM.from_config(gpt2_config_from_hfgpt(config), attn_implementation="sdpa")
     gpt2.load_state_dict(gpt2_state_dict_from_hfgpt(hfgpt.state_dict(), config.num_hidden_layers))
     assert isinstance(hfgpt, HFGPTForCausalLM) and isinstance(gpt2, GPT2LMHeadModel)
     models = {"hfgpt": hfgpt.to(device), "gpt2": gpt2.to(device)}
@@ -85,14 +118,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step_runner(model, batch: int, length: int, device) -> Callable[[], int]:
+def train_step_runner(model, setting: Setting, batch: int, length: int, device) -> Callable[[], int]:
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+    if setting.compiled:  # as hfgpt's Trainer compiles a model (hfgpt.training.speed.SpeedMixin)
+        attention_for_compiled_training(model, device)
+        compile_with_fallback(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step() -> int:
-        model.train()
-        loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=setting.bf16):
+            loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -101,35 +138,51 @@ def train_step_runner(model, batch: int, length: int, device) -> Callable[[], in
     return step
 
 
-def generate_runner(model, batch: int, prompt_length: int, new_tokens: int, device) -> Callable[[], int]:
+def greedy_inputs(vocab_size: int, batch: int, prompt_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths (left padding) when batch > 1, as real batched decoding has them."""
     generator = torch.Generator().manual_seed(2)
-    input_ids = torch.randint(1, model.config.vocab_size, (batch, prompt_length), generator=generator).to(device)
+    input_ids = torch.randint(1, vocab_size, (batch, prompt_length), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    for row in range(1, batch):
+        attention_mask[row, : row * 2] = 0
+    return input_ids.masked_fill(attention_mask == 0, 0).to(device), attention_mask.to(device)
+
+
+def generate_runner(model, compiled: bool, batch: int, prompt_length: int, new_tokens: int, device,
+                    outputs: dict) -> Callable[[], int]:
+    input_ids, attention_mask = greedy_inputs(model.config.vocab_size, batch, prompt_length, device)
+    model.eval()
+    kwargs = dict(attention_mask=attention_mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                  do_sample=False, eos_token_id=None, pad_token_id=0)
 
     @torch.no_grad()
     def run() -> int:
-        model.eval()
-        output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
-                                do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0)
-        generated = output.shape[1] - prompt_length
-        if generated != new_tokens:
-            raise RuntimeError(f"{type(model).__name__} generated {generated} tokens, expected {new_tokens}")
-        return batch * generated
+        if compiled:
+            output = compiled_generate(model, input_ids, compiled=True, **kwargs)
+        else:
+            output = model.generate(input_ids, **kwargs)
+        outputs[(type(model).__name__, compiled)] = output.cpu()
+        return batch * (output.shape[1] - prompt_length)
 
     return run
 
 
 def measure(runners: dict[str, Callable[[], int]], repeats: int, warmup: int, min_seconds: float,
-            clock: Callable[[], float], device) -> dict[str, list[float]]:
-    """Tokens/s of each runner over `repeats` alternating measurements, after `warmup` unmeasured runs of each.
-    A measurement calls its runner until `min_seconds` have passed on `clock`, so that millisecond-long runs (tiny
-    models) are not dominated by timer and scheduler noise."""
-    for _ in range(warmup):
-        for run in runners.values():
+            clock: Callable[[], float], device) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Tokens/s of each runner over `repeats` alternating measurements, after `warmup` unmeasured runs of each (whose
+    seconds are returned: the first includes compilation). A measurement calls its runner until `min_seconds` have
+    passed on `clock`, so that millisecond-long runs (tiny models) are not dominated by timer noise."""
+    warmup_seconds = {}
+    for name, run in runners.items():
+        start = time.perf_counter()
+        for _ in range(warmup):
             run()
+        _sync(device)
+        warmup_seconds[name] = time.perf_counter() - start
     names = list(runners)
     rates = {name: [] for name in names}
     for repeat in range(repeats):
-        order = names if repeat % 2 == 0 else names[::-1]  # neither model always runs first
+        order = names if repeat % 2 == 0 else names[::-1]  # no setting always runs first
         for name in order:
             tokens, elapsed = 0, 0.0
             _sync(device)
@@ -139,21 +192,91 @@ def measure(runners: dict[str, Callable[[], int]], repeats: int, warmup: int, mi
                 _sync(device)
                 elapsed = clock() - start
             rates[name].append(tokens / elapsed)
-    return rates
+    return rates, warmup_seconds
+
+
+# --- memory: one fresh process per setting ----------------------------------------------------------------------------
+
+
+def _peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def memory_child(shape_name: str, setting: Setting, batch: int, device: torch.device) -> float:
+    """Peak memory (MB) over training steps after warm-up (compilation's own peak is not the step's): build the model,
+    warm up, reset the peak, run steps, read it. CPU: resident memory (VmHWM, reset through /proc/self/clear_refs);
+    GPU: torch.cuda.max_memory_allocated."""
+    config = build_config(SHAPES[shape_name])
+    model = build_models(config, device)[setting.model]
+    step = train_step_runner(model, setting, batch, config.max_position_embeddings, device)
+    for _ in range(3):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    for _ in range(3):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return _peak_rss_mb()
+
+
+def measure_memory(shape_name: str, settings: list[Setting], batch: int, threads: int, device) -> dict[str, float]:
+    if device.type == "cpu" and not Path("/proc/self/clear_refs").exists():
+        print("  memory: skipped (needs Linux's /proc/self/clear_refs)")
+        return {}
+    peaks = {}
+    for setting in settings:
+        command = [sys.executable, __file__, "--_memory_child", json.dumps([shape_name, dataclasses.asdict(setting),
+                                                                          batch, threads, str(device)])]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            print(f"  memory {setting.name}: failed\n{result.stderr[-2000:]}")
+            continue
+        peaks[setting.name] = float(result.stdout.strip().splitlines()[-1])
+    return peaks
+
+
+# --- the report -------------------------------------------------------------------------------------------------------
+
+
+def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]], left: int = 2) -> None:
+    table = [header] + rows
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for i, row in enumerate(table):
+        print("  ".join(cell.ljust(width) if j < left else cell.rjust(width)
+                        for j, (cell, width) in enumerate(zip(row, widths))))
+        if i == 0:
+            print("  ".join("-" * width for width in widths))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a short run: smaller batches, fewer repeats")
-    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--quick", action="store_true", help="a short run: smaller batch, fewer repeats, no memory")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=["small"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--repeats", type=int, default=None, help="measured runs per model (default: 5, quick: 3)")
+    parser.add_argument("--repeats", type=int, default=None, help="measured runs per setting (default: 5, quick: 3)")
+    parser.add_argument("--no_generate", action="store_true", help="skip the decoding rows")
+    parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument(
         "--timer", choices=list(CLOCKS), default="wall",
         help="wall: elapsed time (what a user waits). cpu: CPU time of this process, which other processes on a "
              "shared machine disturb far less; use it with --threads 1 to compare the models' work on a busy CPU.")
+    parser.add_argument("--_memory_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+
+    if args._memory_child:  # a fresh process measuring one setting's peak memory
+        shape_name, setting, batch, threads, device = json.loads(args._memory_child)
+        torch.set_num_threads(threads)
+        print(memory_child(shape_name, Setting(**setting), batch, torch.device(device)))
+        return 0
 
     workload = QUICK if args.quick else FULL
     if args.repeats is not None:
@@ -163,43 +286,91 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.timer == "cpu" and device.type != "cpu":
         parser.error("--timer cpu measures CPU work; on an accelerator use --timer wall")
-    print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} repeats={workload.repeats} "
+    default = hfgpt_default_setting(device)
+    peaks = {dtype: flops.measure_matmul_peak(dtype, device) for dtype in (torch.float32, torch.bfloat16)}
+    print(f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}) "
+          f"threads={torch.get_num_threads()} torch={torch.__version__} repeats={workload.repeats} "
           f"warmup={workload.warmup} min_seconds={workload.min_seconds} timer={args.timer}")
+    print(f"matmul peak measured now: fp32 {peaks[torch.float32] / 1e9:,.0f} GFLOP/s, bf16 "
+          f"{peaks[torch.bfloat16] / 1e9:,.0f} GFLOP/s; hfgpt's default training here: {default.name} "
+          f"({native_bf16(device)[1]}; compiler: {compiler_available(device)[1]})")
 
-    rows = []
     for shape_name in args.shapes:
-        models = build_models(SHAPES[shape_name], device)
-        config = models["hfgpt"].config
-        length = workload.train_length or config.max_position_embeddings
-        parameters = sum(p.numel() for p in models["hfgpt"].parameters())
+        config = build_config(SHAPES[shape_name])
+        length = config.max_position_embeddings
+        models = build_models(config, device)
+        counts = flops.count_model_parameters(models["hfgpt"])
+        train_flops = flops.training_flops_per_token(config, length, counts=counts)
         print(f"\n{shape_name}: {config.num_hidden_layers} layers, width {config.hidden_size}, "
-              f"{config.num_attention_heads} heads, context {config.max_position_embeddings}, vocab "
-              f"{config.vocab_size}; {parameters / 1e6:.2f}M parameters in each model; attention "
-              f"{', '.join(f'{name}={model.config._attn_implementation}' for name, model in models.items())}")
-        benchmarks = {f"train b{workload.train_batch}x{length}": {
-            name: train_step_runner(model, workload.train_batch, length, device) for name, model in models.items()}}
-        for batch in workload.generate_batches:
-            benchmarks[f"generate b{batch} {workload.prompt_length}+{workload.new_tokens}"] = {
-                name: generate_runner(model, batch, workload.prompt_length, workload.new_tokens, device)
-                for name, model in models.items()}
-        for bench_name, runners in benchmarks.items():
-            clock = CLOCKS[args.timer]
-            rates = measure(runners, workload.repeats, workload.warmup, workload.min_seconds, clock, device)
-            hfgpt, gpt2 = statistics.median(rates["hfgpt"]), statistics.median(rates["gpt2"])
-            per_repeat = [a / b for a, b in zip(rates["hfgpt"], rates["gpt2"])]
-            rows.append((shape_name, bench_name, hfgpt, gpt2, hfgpt / gpt2, min(per_repeat), max(per_repeat)))
-            print(f"  {bench_name}: hfgpt {hfgpt:,.0f} tok/s, gpt2 {gpt2:,.0f} tok/s, ratio {hfgpt / gpt2:.3f}")
+              f"{config.num_attention_heads} heads, context {length}, vocab {config.vocab_size}; "
+              f"{counts.total / 1e6:.2f}M parameters ({counts.non_embedding / 1e6:.2f}M non-embedding); "
+              f"{train_flops / 1e6:.1f} MFLOP per trained token; train batch {workload.train_batch} x {length}")
 
-    header = ("shape", "benchmark", "hfgpt tok/s", "gpt2 tok/s", "hfgpt/gpt2", "per-run range")
-    table = [header] + [(s, b, f"{h:,.0f}", f"{g:,.0f}", f"{r:.3f}", f"{lo:.2f}-{hi:.2f}")
-                        for s, b, h, g, r, lo, hi in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    print()
-    for i, row in enumerate(table):
-        print("  ".join(cell.ljust(width) if j < 2 else cell.rjust(width)
-                        for j, (cell, width) in enumerate(zip(row, widths))))
-        if i == 0:
-            print("  ".join("-" * width for width in widths))
+        # training: every setting on its own copy of the same weights
+        settings = [Setting("hfgpt", False, False), Setting("gpt2", False, False), Setting("hfgpt", True, False),
+                    Setting("gpt2", True, False)]
+        if default not in settings:
+            settings.append(default)
+        runners = {setting.name: train_step_runner(copy.deepcopy(models[setting.model]), setting,
+                                                   workload.train_batch, length, device) for setting in settings}
+        clock = CLOCKS[args.timer]
+        rates, warmups = measure(runners, workload.repeats, workload.warmup, workload.min_seconds, clock, device)
+        medians = {name: statistics.median(values) for name, values in rates.items()}
+
+        def mfu_cells(name: str) -> tuple[str, str]:
+            achieved = medians[name] * train_flops
+            return f"{achieved / peaks[torch.float32]:.1%}", f"{achieved / peaks[torch.bfloat16]:.1%}"
+
+        print("\n  training settings (tokens/s; MFU against the fp32 and the bf16 peak; warm-up seconds)")
+        print_table(("setting", "", "tok/s", "MFU fp32 peak", "MFU bf16 peak", "warm-up s"),
+                    [(name, "", f"{medians[name]:,.0f}", *mfu_cells(name), f"{warmups[name]:.1f}")
+                     for name in runners])
+        comparisons = [(Setting("hfgpt", False, False), Setting("gpt2", False, False)),
+                       (Setting("hfgpt", True, False), Setting("gpt2", True, False)),
+                       (default, Setting("gpt2", False, False)),
+                       (default, Setting("gpt2", True, False))]
+        rows = []
+        for ours, theirs in comparisons:
+            per_repeat = [a / b for a, b in zip(rates[ours.name], rates[theirs.name])]
+            rows.append((f"train {ours.name}", f"vs {theirs.name}", f"{medians[ours.name]:,.0f}",
+                         f"{medians[theirs.name]:,.0f}", f"{medians[ours.name] / medians[theirs.name]:.2f}",
+                         f"{min(per_repeat):.2f}-{max(per_repeat):.2f}"))
+
+        if not args.no_generate:
+            outputs = {}
+            for batch in workload.generate_batches:
+                runners = {
+                    "hfgpt compiled": generate_runner(models["hfgpt"], True, batch, workload.prompt_length,
+                                                      workload.new_tokens, device, outputs),
+                    "gpt2": generate_runner(models["gpt2"], False, batch, workload.prompt_length,
+                                            workload.new_tokens, device, outputs),
+                }
+                rates, warmups = measure(runners, workload.repeats, workload.warmup, workload.min_seconds, clock,
+                                         device)
+                generate_runner(models["hfgpt"], False, batch, workload.prompt_length, workload.new_tokens, device,
+                                outputs)()  # hfgpt's own generate(), for the token check
+                ours = outputs[("HFGPTForCausalLM", True)]
+                same_as_own = torch.equal(ours, outputs[("HFGPTForCausalLM", False)])
+                same_as_gpt2 = torch.equal(ours, outputs[("GPT2LMHeadModel", False)])
+                hfgpt_rate, gpt2_rate = (statistics.median(rates[name]) for name in ("hfgpt compiled", "gpt2"))
+                per_repeat = [a / b for a, b in zip(rates["hfgpt compiled"], rates["gpt2"])]
+                rows.append((f"generate b{batch} {workload.prompt_length}+{workload.new_tokens}",
+                             "compiled vs gpt2 generate()", f"{hfgpt_rate:,.0f}", f"{gpt2_rate:,.0f}",
+                             f"{hfgpt_rate / gpt2_rate:.2f}", f"{min(per_repeat):.2f}-{max(per_repeat):.2f}"))
+                print(f"  generate b{batch}: compiled warm-up {warmups['hfgpt compiled']:.1f} s; tokens identical "
+                      f"to hfgpt's generate(): {same_as_own}, to GPT-2's generate(): {same_as_gpt2}")
+
+        print(f"\n  {shape_name}: hfgpt against GPT-2 (ratio of medians, > 1: hfgpt faster)")
+        print_table(("benchmark", "against", "hfgpt tok/s", "gpt2 tok/s", "hfgpt/gpt2", "per-run range"), rows)
+
+        if workload.memory and not args.no_memory:
+            memory_settings = [default, Setting("gpt2", False, False), Setting("gpt2", True, False)]
+            memory = measure_memory(shape_name, memory_settings, workload.train_batch, torch.get_num_threads(),
+                                    device)
+            if memory:
+                what = "GPU memory allocated" if device.type == "cuda" else "resident memory (RSS)"
+                print(f"\n  {shape_name}: peak {what} during training steps (MB, one process each)")
+                print_table(("setting", "peak MB"), [(name, f"{mb:,.0f}") for name, mb in memory.items()], 1)
     return 0
 
 

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from hfgpt.hardware import native_bf16
 from hfgpt import HFGPTConfig, HFGPTForCausalLM, files
 from hfgpt.tokenization import CHAT_TEMPLATE, special_token_ids
 from hfgpt.training.alignment import (
@@ -47,9 +48,11 @@ def fresh_model(tokenizer) -> HFGPTForCausalLM:
 
 
 def config(config_class, output_dir, **overrides):
+    """fp32 unless asked: several tests check exact equalities (policy == reference at the start, rewards summed by
+    hand), which bf16 autocast rounds apart; bf16's own test is test_dpo_learns_the_preferences_in_bf16."""
     settings = dict(max_steps=2, per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=1e-3,
                     report_to=[], logging_steps=1, save_strategy="no", gradient_checkpointing=False,
-                    disable_tqdm=True, seed=0)
+                    disable_tqdm=True, seed=0, bf16=False)
     return config_class(str(output_dir), **{**settings, **overrides})
 
 
@@ -246,6 +249,24 @@ def test_dpo_learns_the_preferences_pair_by_pair(tmp_path, tiny_tokenizer, lora)
     trl_metrics = run.trainer.evaluate()
     assert metrics["reward_margin"] == pytest.approx(trl_metrics["eval_rewards/margins"], rel=1e-4)
     assert metrics["reward_chosen"] == pytest.approx(trl_metrics["eval_rewards/chosen"], rel=1e-4)
+
+
+@pytest.mark.skipif(not native_bf16(torch.device("cpu"))[0], reason="this CPU computes bf16 by emulation only")
+def test_dpo_learns_the_preferences_in_bf16(tmp_path, tiny_tokenizer):
+    """hfgpt's default on a CPU with native bf16: DPO under bf16 autocast learns the same pairs as in fp32."""
+    from hfgpt.training.alignment import preference_metrics, preference_pairs
+
+    rows = preference_rows(8)
+    dpo_config = config(HFGPTDPOConfig, tmp_path, max_steps=12, bf16=None)
+    assert dpo_config.bf16 is True  # hfgpt's choice for this CPU
+    run = build_dpo_trainer(fresh_model(tiny_tokenizer), rows, dpo_config, tokenizer=tiny_tokenizer,
+                            eval_dataset=rows)
+    run.trainer.train()
+    after = preference_pairs(run.trainer)
+    assert all(pair["prefers_chosen"] and pair["margin"] > 0.5 for pair in after)
+    assert preference_metrics(run.trainer, after)["reward_accuracy"] == 1.0
+    history = [entry for entry in run.trainer.state.log_history if "loss" in entry]
+    assert all(entry["tokens_per_second"] > 0 and entry["mfu"] > 0 for entry in history)
 
 
 @pytest.mark.parametrize("task", ["sft", "dpo"])

@@ -213,6 +213,7 @@ def generate_responses(model, tokenizer, prompts: list, max_new_tokens: int = 12
     import torch
     from tqdm.auto import tqdm
 
+    from ..generation import compiled_by_default, generate
     from .perplexity import model_context_length
 
     if max_new_tokens < 1:
@@ -227,6 +228,7 @@ def generate_responses(model, tokenizer, prompts: list, max_new_tokens: int = 12
     # a chat template writes its own special tokens; a raw prompt gets the tokenizer's usual ones
     add_special_tokens = not tokenizer.chat_template
     device = next(model.parameters()).device
+    compiled = compiled_by_default(model)
     responses, truncated = [], 0
     for start in tqdm(range(0, len(texts), batch_size), desc="generating", unit="batch", disable=not progress):
         encoded = [tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
@@ -234,6 +236,9 @@ def generate_responses(model, tokenizer, prompts: list, max_new_tokens: int = 12
         if room is not None:
             truncated += sum(len(ids) > room for ids in encoded)
             encoded = [ids[-room:] for ids in encoded]  # keep the end: it holds the generation prompt
+        rows = len(encoded)
+        if compiled and len(texts) > batch_size:  # a short last batch repeats a prompt: the compiled step is reused
+            encoded += [encoded[0]] * (batch_size - rows)
         width = max(map(len, encoded))
         input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -241,10 +246,10 @@ def generate_responses(model, tokenizer, prompts: list, max_new_tokens: int = 12
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             attention_mask[row, width - len(ids):] = 1
         with torch.no_grad():
-            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                    max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id)
-        responses += [text.strip() for text in tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
+            output = generate(model, input_ids.to(device), attention_mask=attention_mask.to(device), compiled=compiled,
+                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        responses += [text.strip()
+                      for text in tokenizer.batch_decode(output[:rows, width:], skip_special_tokens=True)]
     return responses, truncated
 
 

@@ -51,6 +51,7 @@ from .common import (
     training_callbacks,
     write_training_summary,
 )
+from .speed import SpeedArguments, SpeedMixin, uncompile
 
 logger = logging.getLogger(__name__)
 
@@ -59,19 +60,11 @@ SFT_TASK = "instruction tuning (SFT)"
 DPO_TASK = "preference tuning (DPO)"
 
 
-def default_bf16() -> bool:
-    """bf16 mixed precision where the accelerator supports it. TRL's configs default to bf16=True, which fails on a
-    machine without such an accelerator; hfgpt's configs fall back to float32 there."""
-    import torch
-
-    from .peft import compute_dtype
-
-    return compute_dtype() == torch.bfloat16
-
-
 @dataclass
-class HFGPTSFTConfig(trl.SFTConfig):
-    """TRL's `SFTConfig` with hfgpt's defaults: loss on the assistant's tokens only, bf16 only where supported."""
+class HFGPTSFTConfig(SpeedArguments, trl.SFTConfig):
+    """TRL's `SFTConfig` with hfgpt's defaults: loss on the assistant's tokens only; bf16 where the hardware computes
+    it natively (TRL's default, bf16 everywhere, fails or crawls elsewhere); torch.compile only when asked (chat rows
+    have every length, so a compiled model would recompile)."""
 
     assistant_only_loss: bool = field(
         default=True,
@@ -79,23 +72,17 @@ class HFGPTSFTConfig(trl.SFTConfig):
                           "blocks). hfgpt's default: True."},
     )
 
-    def __post_init__(self):
-        if self.bf16 is None and not self.fp16:
-            self.bf16 = default_bf16()
-        super().__post_init__()
-
 
 # the DPO losses whose formula reads label_smoothing in TRL; the others (sigmoid among them) ignore it
 LABEL_SMOOTHING_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
 
 
 @dataclass
-class HFGPTDPOConfig(trl.DPOConfig):
-    """TRL's `DPOConfig` with bf16 only where the hardware supports it, and no silently ignored label smoothing."""
+class HFGPTDPOConfig(SpeedArguments, trl.DPOConfig):
+    """TRL's `DPOConfig` with bf16 only where the hardware computes it natively, and no silently ignored label
+    smoothing."""
 
     def __post_init__(self):
-        if self.bf16 is None and not self.fp16:
-            self.bf16 = default_bf16()
         super().__post_init__()
         if self.label_smoothing and not set(self.loss_type) & set(LABEL_SMOOTHING_LOSSES):
             raise ValueError(
@@ -113,12 +100,16 @@ class HFGPTDPOConfig(trl.DPOConfig):
             )
 
 
-class SFTTrainer(MatrixWeightDecayMixin, trl.SFTTrainer):
-    """TRL's SFTTrainer with hfgpt's weight-decay rule (matrices only)."""
+class SFTTrainer(SpeedMixin, MatrixWeightDecayMixin, trl.SFTTrainer):
+    """TRL's SFTTrainer with hfgpt's weight-decay rule (matrices only), tokens/s and MFU in its logs."""
 
 
-class DPOTrainer(MatrixWeightDecayMixin, trl.DPOTrainer):
-    """TRL's DPOTrainer with hfgpt's weight-decay rule (matrices only)."""
+class DPOTrainer(SpeedMixin, MatrixWeightDecayMixin, trl.DPOTrainer):
+    """TRL's DPOTrainer with hfgpt's weight-decay rule (matrices only), tokens/s and MFU in its logs."""
+
+    @property
+    def reference_forwards_per_step(self) -> int:
+        return 0 if self.args.precompute_ref_log_probs else 1  # the frozen reference model scores every batch
 
 
 @dataclass
@@ -654,6 +645,7 @@ def train_and_finish(task: str, run: PreparedRun, eval_prompts=None, generation:
     data_source = data_source or {}
     output_dir = Path(args.output_dir)
     metrics = {"train": trainer.train(resume_from_checkpoint=run.resume_checkpoint).metrics}
+    uncompile(trainer.model)  # evaluation and generation below have other shapes than the training batches
     pairs = []
     if trainer.eval_dataset is not None:
         if isinstance(trainer, trl.DPOTrainer):
@@ -698,6 +690,7 @@ def train_and_finish(task: str, run: PreparedRun, eval_prompts=None, generation:
         "training_arguments": training_arguments_summary(args),
         "final_metrics": {key: value for key, value in metrics["train"].items() if isinstance(value, (int, float))},
         "run": run_report(trainer.model, peft_args=run.peft_args),
+        "speed": trainer.speed_summary(metrics["train"].get("train_runtime")),
     }
     if args.should_save:
         write_training_summary(output_dir, summary)

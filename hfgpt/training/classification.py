@@ -56,6 +56,7 @@ from .common import (
     training_callbacks,
     write_training_summary,
 )
+from .speed import SpeedArguments, SpeedMixin, uncompile
 from .peft import PeftArguments, add_lora, linear_memory_footprint, load_base_model, run_report, save_adapter_and_merge
 
 logger = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ class ClassificationArguments:
 
 
 @dataclass
-class ClassificationTrainingArguments(TrainingArguments):
+class ClassificationTrainingArguments(SpeedArguments, TrainingArguments):
     """`TrainingArguments` with defaults for fine-tuning a classifier: evaluate and checkpoint every epoch (two
     checkpoints kept), batches of similar lengths (less padding), TensorBoard logs."""
 
@@ -246,7 +247,7 @@ def language_modelling_loss(model: nn.Module, hidden_states: torch.Tensor, input
     return ForCausalLMLoss(hidden_states @ embeddings.T, labels, vocab_size=embeddings.shape[0])
 
 
-class ClassificationTrainer(MatrixWeightDecayMixin, Trainer):
+class ClassificationTrainer(SpeedMixin, MatrixWeightDecayMixin, Trainer):
     """Trainer with weight decay on weight matrices only, evaluating in dataset order, and (with `lm_loss_weight`)
     the language-modelling loss added to the classification loss in training steps."""
 
@@ -482,6 +483,7 @@ def train_and_save(run: ClassificationRun) -> dict:
     trainer, training_args, peft_args = run.trainer, run.training_args, run.peft_args
     output_dir = Path(training_args.output_dir)
     train_output = trainer.train(resume_from_checkpoint=run.resume_checkpoint)
+    uncompile(trainer.model)  # the predictions below come in other shapes than the training batches
     metrics = {"train_loss": train_output.training_loss, "global_step": train_output.global_step,
                **{key: value for key, value in train_output.metrics.items() if key != "train_loss"}}
     evaluation = None
@@ -507,6 +509,7 @@ def train_and_save(run: ClassificationRun) -> dict:
             "resumed_from": run.resume_checkpoint,
             **report,
             "hyperparameters": training_arguments_summary(training_args),
+            "speed": trainer.speed_summary(train_output.metrics.get("train_runtime")),
             "final_metrics": {key: value for key, value in metrics.items() if isinstance(value, (int, float))},
         })
         if evaluation is not None:

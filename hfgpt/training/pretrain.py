@@ -48,7 +48,9 @@ from ..data import (
 from ..data.default_corpus import DESCRIPTION as DEFAULT_CORPUS_DESCRIPTION
 from ..data.default_corpus import default_corpus
 from ..data.sources import SAMPLE_BY, VALIDATION_SPLIT, DataError
+from ..generation import generate
 from ..hub import finish_model_dir
+from .speed import SpeedArguments, SpeedMixin, uncompile
 from .common import (
     MatrixWeightDecayMixin,
     PerplexityMixin,
@@ -127,10 +129,13 @@ class PretrainArguments:
 
 
 @dataclass
-class PretrainingArguments(TrainingArguments):
+class PretrainingArguments(SpeedArguments, TrainingArguments):
     """`TrainingArguments` with defaults for pretraining a small model: AdamW (decay 0.1 on matrices, beta2 0.95),
     peak learning rate 1e-3 with 5% linear warmup then cosine decay, clipping at 1.0, validation every 20% of the run,
-    checkpoints every 25% (two kept), TensorBoard logs."""
+    checkpoints every 25% (two kept), TensorBoard logs; bf16 where the hardware computes it natively, and
+    torch.compile (every block has the same shape, so the model compiles once)."""
+
+    compile_by_default = True
 
     output_dir: str | None = field(default="out/pretrain", metadata={"help": "Where the model and logs go."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
@@ -271,8 +276,8 @@ def load_training_rows(args: PretrainArguments):
     return raw, {"dataset": DEFAULT_CORPUS_DESCRIPTION}
 
 
-class PretrainingTrainer(MatrixWeightDecayMixin, PerplexityMixin, Trainer):
-    """Trainer with weight decay on matrices only and perplexity at every evaluation."""
+class PretrainingTrainer(SpeedMixin, MatrixWeightDecayMixin, PerplexityMixin, Trainer):
+    """Trainer with weight decay on matrices only, perplexity at every evaluation, tokens/s and MFU in every log."""
 
 
 def sample_generations(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, seed: int) -> list[str]:
@@ -285,9 +290,9 @@ def sample_generations(model, tokenizer, prompts: Sequence[str], max_new_tokens:
         ids = [tokenizer.eos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
         input_ids = torch.tensor([ids], device=device)
         with torch.no_grad():
-            output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True, top_k=50,
-                                    temperature=0.8, max_new_tokens=max_new_tokens,
-                                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            output = generate(model, input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True, top_k=50,
+                              temperature=0.8, max_new_tokens=max_new_tokens,
+                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         texts.append(tokenizer.decode(output[0, 1:], skip_special_tokens=True))
     return texts
 
@@ -382,6 +387,7 @@ def train_and_save(run: PretrainingRun) -> dict:
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
     metrics["wall_time_seconds"] = round(time.time() - run.started, 1)
+    uncompile(trainer.model)  # sample generation below has other shapes than the training blocks
 
     save_final_model(trainer, output_dir)
     if training_args.process_index == 0:
@@ -391,6 +397,7 @@ def train_and_save(run: PretrainingRun) -> dict:
             "training_tokens": trainer.state.global_step * hyperparameters["global_batch_size"] * run.block_size,
             "resumed_from": run.resume_checkpoint,
             "hyperparameters": hyperparameters,
+            "speed": trainer.speed_summary(train_output.metrics.get("train_runtime")),
             "final_metrics": {key: value for key, value in metrics.items() if isinstance(value, (int, float))},
         })
         _report(metrics)
