@@ -15,6 +15,7 @@ ends after the current token, cleanly, instead of an exception unwinding through
 import argparse
 import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,7 +110,9 @@ class Chat:
                     if self.temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
         streamer = _Streamer(self.tokenizer, out)
         self.stop.requested = False
-        previous = signal.signal(signal.SIGINT, self._request_stop) if _main_thread() else None
+        # signal handlers can only be set from the main thread; elsewhere (a notebook's worker) Ctrl-C is not ours
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self._request_stop) if in_main_thread else None
         try:
             with torch.no_grad():
                 output = self.model.generate(
@@ -146,12 +149,6 @@ class _Streamer(TextStreamer):
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         self.out.write(text)
         self.out.flush()
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -193,7 +190,9 @@ def interactive(chat: Chat, read=input) -> None:
             chat.say(text)
         except ValueError as error:
             print(f"[{error}]", flush=True)
-        except KeyboardInterrupt:  # Ctrl-C in the instant before generation starts
+        except KeyboardInterrupt:  # Ctrl-C in the instant before generation started: forget the unanswered message
+            if chat.messages and chat.messages[-1]["role"] == "user":
+                chat.messages.pop()
             print("\n[stopped]", flush=True)
 
 
