@@ -1,8 +1,10 @@
 """Publishing a model directory to the Hugging Face Hub, and the end-of-training step that prepares one.
 
 `push_to_hub(model_dir, repo_id)` checks that the directory is complete (config, safetensors weights, the modelling
-code for `trust_remote_code=True`, tokenizer, card), then uploads it with `HfApi.create_repo` + `upload_folder`.
-Checkpoint folders and pickled files are never uploaded. `finish_model_dir(...)` is what training scripts call last:
+code for `trust_remote_code=True`, tokenizer, card), then uploads what a model repository needs with
+`HfApi.create_repo` + `create_commit`: weights, config, code, tokenizer, card, curves and metrics (with this machine's
+paths reduced to file names). Everything else stays behind: checkpoints, TensorBoard logs, predictions on the user's
+data. Nothing in the directory is written by a push. `finish_model_dir(...)` is what training scripts call last:
 it writes the card and, with `push_to_hub=True`, publishes.
 
 `hfgpt push DIR REPO_ID` is the command-line entry point.
@@ -16,9 +18,28 @@ from pathlib import Path
 from . import files
 from .cards import is_generated_card, write_model_card
 
-# Not part of a published model: Trainer checkpoints (optimizer state is pickled), pickles of any kind, temp files.
-IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt",
-                   "*.tmp", "__pycache__/**", "*.pyc"]
+# What a model repository needs, and nothing else: an allowlist, so that whatever else lands in an output directory
+# (TensorBoard event files, whose names carry the host name; predictions on the user's own data; checkpoints with
+# pickled optimizer state) stays on the machine. Patterns match a file's name at any depth (adapter/ holds a model too).
+MODEL_FILE_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+                       "configuration_*.py", "modeling_*.py", "tokenization_*.py",
+                       "adapter_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                       "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
+                       "chat_template.json"]
+# ... and at the top level only: the card and the run's records (curves, summary, metrics)
+TOP_LEVEL_FILES = [files.MODEL_CARD, files.TRAINING_SUMMARY, files.LOG_HISTORY_JSON, files.LOG_HISTORY_CSV,
+                   files.LOSS_CURVE, files.EVAL_RESULTS]
+# JSON files that may hold paths of this machine; they are uploaded with absolute paths reduced to file names
+JSON_WITH_PATHS = {files.EVAL_RESULTS, files.TRAINING_SUMMARY, "adapter_config.json", "config.json"}
+# Never uploaded, even where a pattern above matches: Trainer checkpoints, caches, temp files
+IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".*", ".*/**", "__pycache__/**", "*.tmp"]
+# Why the usual leftovers stay behind (shown by --dry_run)
+_LEFT_BEHIND_REASONS = [
+    ("runs/", "TensorBoard logs: their file names carry this machine's name"),
+    ("checkpoint-", "Trainer checkpoint (pickled optimizer state)"),
+    (files.PREDICTIONS, "your validation texts"), (files.GENERATIONS, "your held-out prompts"),
+    (files.PREFERENCE_PAIRS, "your held-out preference pairs"),
+]
 
 
 class ModelDirectoryError(ValueError):
@@ -72,24 +93,87 @@ def check_model_dir(model_dir: str | os.PathLike) -> dict:
     return config
 
 
-def files_to_upload(model_dir: str | os.PathLike) -> list[str]:
-    """The paths (relative, POSIX) `upload_folder` sends with hfgpt's ignore patterns, in the same order."""
-    from huggingface_hub.utils import filter_repo_objects
-    from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
+def _is_uploaded(path: str) -> bool:
+    from fnmatch import fnmatch
 
-    model_dir = Path(model_dir).resolve()
-    paths = [p.relative_to(model_dir).as_posix() for p in sorted(model_dir.glob("**/*")) if p.is_file()]
-    return list(filter_repo_objects(paths, ignore_patterns=IGNORE_PATTERNS + DEFAULT_IGNORE_PATTERNS))
+    name = path.rsplit("/", 1)[-1]
+    if any(fnmatch(path, pattern) for pattern in IGNORE_PATTERNS):
+        return False
+    if path in TOP_LEVEL_FILES:
+        return True
+    if name == files.MODEL_CARD:  # a README.md below the top (PEFT's template card) names local paths
+        return False
+    return any(fnmatch(name, pattern) for pattern in MODEL_FILE_PATTERNS)
+
+
+def _all_files(model_dir: Path) -> list[str]:
+    return [p.relative_to(model_dir).as_posix() for p in sorted(model_dir.glob("**/*")) if p.is_file()]
+
+
+def files_to_upload(model_dir: str | os.PathLike) -> list[str]:
+    """The paths (relative, POSIX) a push uploads: the model files and the run's records, nothing else."""
+    return [path for path in _all_files(Path(model_dir)) if _is_uploaded(path)]
+
+
+def files_left_behind(model_dir: str | os.PathLike) -> list[tuple[str, str]]:
+    """(path, why) for what a push does not upload; a folder of checkpoints or logs counts once."""
+    left, seen = [], set()
+    for path in _all_files(Path(model_dir)):
+        if _is_uploaded(path):
+            continue
+        top = path.split("/", 1)[0] + "/" if "/" in path else path
+        if top.startswith("checkpoint-") or top == "runs/":
+            if top in seen:
+                continue
+            seen.add(top)
+            path = top
+        why = next((reason for prefix, reason in _LEFT_BEHIND_REASONS if path.startswith(prefix)),
+                   "not part of a model repository")
+        left.append((path, why))
+    return left
+
+
+def _is_local_path(value: str) -> bool:
+    return len(value) > 1 and (value.startswith(("/", "~")) or (len(value) > 2 and value[1:3] in (":\\", ":/")))
+
+
+def without_local_paths(data):
+    """`data` (parsed JSON) with every absolute path of this machine reduced to its file name."""
+    if isinstance(data, dict):
+        return {key: without_local_paths(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [without_local_paths(value) for value in data]
+    if isinstance(data, str) and _is_local_path(data):
+        return Path(data.replace("\\", "/")).name or data
+    return data
+
+
+def upload_contents(model_dir: str | os.PathLike, repo_id: str | None = None) -> dict[str, Path | bytes]:
+    """{path in the repository: the local file, or the bytes to upload instead}. The card is built in memory for
+    `repo_id` when the directory has none or one hfgpt wrote (a hand-written README.md goes as it is); JSON records
+    go without this machine's paths. Nothing in the directory is written."""
+    import json
+
+    from .cards import build_model_card
+
+    model_dir = Path(model_dir)
+    contents: dict[str, Path | bytes] = {path: model_dir / path for path in files_to_upload(model_dir)}
+    for path in contents:
+        if path.rsplit("/", 1)[-1] in JSON_WITH_PATHS:
+            data = files.read_json(model_dir / path)
+            public = without_local_paths(data)
+            if public != data:
+                contents[path] = (json.dumps(public, indent=2) + "\n").encode("utf-8")
+    card = model_dir / files.MODEL_CARD
+    if not card.exists() or is_generated_card(card):
+        contents[files.MODEL_CARD] = str(build_model_card(model_dir, model_id=repo_id)).encode("utf-8")
+    return dict(sorted(contents.items()))
 
 
 def prepare_for_upload(model_dir: str | os.PathLike, repo_id: str | None = None) -> list[str]:
-    """Check the directory and make sure it has a card: a card hfgpt wrote is rewritten (so its usage examples name
-    `repo_id`); a hand-written README.md is kept as it is. Returns the files that would be uploaded."""
+    """Check the directory; return the files a push would upload (nothing is written)."""
     check_model_dir(model_dir)
-    card = Path(model_dir) / files.MODEL_CARD
-    if not card.exists() or is_generated_card(card):
-        write_model_card(model_dir, model_id=repo_id)
-    return files_to_upload(model_dir)
+    return list(upload_contents(model_dir, repo_id))
 
 
 def _token_or_error(token: str | None) -> str:
@@ -109,7 +193,7 @@ def push_to_hub(model_dir: str | os.PathLike, repo_id: str, private: bool = Fals
                 create_pr: bool = False) -> str:
     """Upload a complete model directory (weights, config, modelling code, tokenizer, card) to `repo_id`, creating
     the repository if needed. Returns the URL of the commit (or pull request)."""
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import CommitOperationAdd, HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     if not repo_id.strip("/") or repo_id.count("/") > 1:
@@ -118,12 +202,14 @@ def push_to_hub(model_dir: str | os.PathLike, repo_id: str, private: bool = Fals
     token = _token_or_error(token)
     if constants.HF_HUB_OFFLINE:
         raise HubError("Cannot push: offline mode is on (HF_HUB_OFFLINE=1). Unset it to publish.")
-    prepare_for_upload(model_dir, repo_id)
+    contents = upload_contents(model_dir, repo_id)
     api = HfApi(token=token)
     try:
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(repo_id=repo_url.repo_id, folder_path=str(model_dir), commit_message=commit_message,
-                                   ignore_patterns=list(IGNORE_PATTERNS), revision=revision, create_pr=create_pr)
+        operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=source if isinstance(source, bytes)
+                                         else str(source)) for path, source in contents.items()]
+        commit = api.create_commit(repo_id=repo_url.repo_id, operations=operations, commit_message=commit_message,
+                                   revision=revision, create_pr=create_pr)
     except OfflineModeIsEnabled as error:
         raise HubError(f"Cannot push: offline mode is on ({error}). Unset HF_HUB_OFFLINE to publish.") from error
     except HfHubHTTPError as error:
@@ -164,6 +250,25 @@ def finish_model_dir(output_dir: str | os.PathLike, push_to_hub: bool = False, h
     return output_dir / files.MODEL_CARD
 
 
+def print_dry_run(model_dir: str | os.PathLike, repo_id: str) -> None:
+    """What `hfgpt push` would upload, and what it leaves behind; writes nothing."""
+    check_model_dir(model_dir)
+    contents = upload_contents(model_dir, repo_id)
+    print(f"Dry run: nothing is uploaded and nothing in {model_dir} is written.")
+    print(f"`hfgpt push` would upload these {len(contents)} files to {repo_id}:")
+    for path, source in contents.items():
+        note = ""
+        if isinstance(source, bytes):
+            note = ("  (model card, written for this repository)" if path == files.MODEL_CARD
+                    else "  (with this machine's paths reduced to file names)")
+        print(f"  {path}{note}")
+    left = files_left_behind(model_dir)
+    if left:
+        print("It would leave behind:")
+        for path, why in left:
+            print(f"  {path}  ({why})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hfgpt push", description="Upload a model directory (weights, config, "
                                      "modelling code, tokenizer, model card) to the Hugging Face Hub.")
@@ -174,12 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--commit_message", default="Upload hfgpt model")
     parser.add_argument("--revision", help="Branch to push to (default: main).")
     parser.add_argument("--create_pr", action="store_true", help="Open a pull request instead of committing.")
-    parser.add_argument("--dry_run", action="store_true", help="Check the directory and list what would be uploaded.")
+    parser.add_argument("--dry_run", action="store_true", help="Check the directory and list what would be uploaded "
+                        "(and what stays behind); writes and uploads nothing.")
     args = parser.parse_args(argv)
     try:
         if args.dry_run:
-            for path in prepare_for_upload(args.model_dir, args.repo_id):
-                print(path)
+            print_dry_run(args.model_dir, args.repo_id)
             return 0
         url = push_to_hub(args.model_dir, args.repo_id, private=args.private, token=args.token,
                           commit_message=args.commit_message, revision=args.revision, create_pr=args.create_pr)

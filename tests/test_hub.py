@@ -21,9 +21,11 @@ from hfgpt.hub import (
     HubError,
     ModelDirectoryError,
     check_model_dir,
+    files_left_behind,
     files_to_upload,
     finish_model_dir,
     push_to_hub,
+    upload_contents,
 )
 
 
@@ -58,18 +60,38 @@ def test_check_model_dir_names_what_is_missing(model_dir, tmp_path):
         check_model_dir(tmp_path / "broken" / "..")
 
 
-def test_upload_leaves_out_checkpoints_and_pickles(model_dir):
+def test_upload_leaves_out_checkpoints_logs_pickles_and_user_data(model_dir):
     path, _, _ = model_dir
     (path / "checkpoint-10").mkdir()
     (path / "checkpoint-10" / "optimizer.pt").write_bytes(b"x")
     (path / "checkpoint-10" / "model.safetensors").write_bytes(b"x")
     (path / "training_args.bin").write_bytes(b"x")
-    (path / "runs").mkdir()
-    (path / "runs" / "events.out.tfevents.1").write_bytes(b"x")
+    (path / "runs" / "Dec04_10-00-00_my-laptop").mkdir(parents=True)
+    (path / "runs" / "Dec04_10-00-00_my-laptop" / "events.out.tfevents.1.my-laptop.42.0").write_bytes(b"x")
+    (path / files.PREDICTIONS).write_text('{"text": "my private message"}\n')
     uploaded = set(files_to_upload(path))
     assert {"config.json", "model.safetensors", "configuration_hfgpt.py", "modeling_hfgpt.py", "tokenizer.json",
-            "tokenizer_config.json", "eval_results.json", "runs/events.out.tfevents.1"} <= uploaded
-    assert not any(name.startswith("checkpoint-") or name.endswith((".bin", ".pt")) for name in uploaded)
+            "tokenizer_config.json", "eval_results.json"} <= uploaded
+    assert not any(name.startswith(("checkpoint-", "runs/")) or name.endswith((".bin", ".pt")) for name in uploaded)
+    assert files.PREDICTIONS not in uploaded and "my-laptop" not in " ".join(uploaded)
+    left = dict(files_left_behind(path))
+    assert set(left) == {"checkpoint-10/", "runs/", "training_args.bin", files.PREDICTIONS}
+    assert "machine's name" in left["runs/"]
+
+
+def test_uploaded_metrics_carry_no_local_paths(model_dir, tmp_path):
+    path, _, _ = model_dir
+    local = str(tmp_path / "home" / "me" / "data" / "heldout.tsv")
+    files.update_eval_results(path, "classification", {"accuracy": 0.9, "dataset": {"name": "heldout.tsv",
+                                                                                     "path": local}})
+    files.write_json(path / files.TRAINING_SUMMARY, {"train_files": [local, "data/train.tsv"]})
+    contents = upload_contents(path, "someone/model")
+    uploaded = {name: (source if isinstance(source, bytes) else source.read_bytes()).decode("utf-8", "replace")
+                for name, source in contents.items() if name.endswith(".json")}
+    assert not any(str(tmp_path) in text for text in uploaded.values())
+    summary = json.loads(uploaded[files.TRAINING_SUMMARY])
+    assert summary["train_files"] == ["heldout.tsv", "data/train.tsv"]  # relative paths say nothing of the machine
+    assert str(tmp_path) in (path / files.EVAL_RESULTS).read_text()  # the local file itself is left as it was
 
 
 @pytest.fixture
@@ -107,27 +129,31 @@ def test_push_calls_the_hub_api_with_the_directory(model_dir, monkeypatch):
         calls["create_repo"] = kwargs | {"repo_id": args[0] if args else kwargs["repo_id"]}
         return huggingface_hub.RepoUrl("https://huggingface.co/someone/model")
 
-    def upload_folder(self, **kwargs):
-        inspect.signature(HfApi.upload_folder).bind(self, **kwargs)
-        calls["upload_folder"] = kwargs
+    def create_commit(self, **kwargs):
+        inspect.signature(HfApi.create_commit).bind(self, **kwargs)
+        calls["create_commit"] = kwargs
         return huggingface_hub.CommitInfo(commit_url="https://huggingface.co/someone/model/commit/abc",
                                           commit_message="m", commit_description="", oid="abc")
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
     assert (path / files.MODEL_CARD).exists() is False
+    (path / "checkpoint-3").mkdir()
+    (path / "checkpoint-3" / "model.safetensors").write_bytes(b"x")
     url = push_to_hub(path, "someone/model", private=True, token="hf_not_a_real_token")
     assert url == "https://huggingface.co/someone/model/commit/abc"
     assert calls["create_repo"]["repo_id"] == "someone/model" and calls["create_repo"]["private"] is True
-    assert calls["upload_folder"]["folder_path"] == str(path)
-    assert "checkpoint-*" in calls["upload_folder"]["ignore_patterns"]
-    card = (path / files.MODEL_CARD).read_text()  # written before the upload, naming the repository
+    operations = {op.path_in_repo: op for op in calls["create_commit"]["operations"]}
+    assert set(operations) == set(files_to_upload(path)) | {files.MODEL_CARD}
+    card = operations[files.MODEL_CARD].path_or_fileobj.decode()  # built for the upload, naming the repository
     assert 'from_pretrained("someone/model", trust_remote_code=True)' in card
-    # a hand-written card is left alone
+    assert not (path / files.MODEL_CARD).exists()  # and nothing written into the directory
+    # a hand-written card is uploaded as it is
     (path / files.MODEL_CARD).write_text("---\nlicense: mit\n---\n# My own card\n")
     push_to_hub(path, "someone/model", token="hf_not_a_real_token")
-    assert (path / files.MODEL_CARD).read_text().endswith("# My own card\n")
+    operations = {op.path_in_repo: op for op in calls["create_commit"]["operations"]}
+    assert operations[files.MODEL_CARD].path_or_fileobj == str(path / files.MODEL_CARD)
 
 
 def test_finish_model_dir_writes_the_card_and_pushes_only_when_asked(model_dir, monkeypatch):
@@ -176,9 +202,9 @@ def test_uploaded_directory_loads_generates_and_has_a_card_without_hfgpt(model_d
     finish_model_dir(path)
     # exactly the files push_to_hub would send, copied where nothing else of the repo is around
     upload = tmp_path_factory.mktemp("as_uploaded") / "model"
-    for name in files_to_upload(path):
+    for name, source in upload_contents(path, "model").items():
         (upload / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path / name, upload / name)
+        (upload / name).write_bytes(source if isinstance(source, bytes) else source.read_bytes())
     work = tmp_path_factory.mktemp("child")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(work / "modules")
@@ -195,12 +221,19 @@ def test_uploaded_directory_loads_generates_and_has_a_card_without_hfgpt(model_d
     assert out["pipeline_tag"] == "text-generation"
 
 
-def test_push_dry_run_lists_the_upload_and_writes_the_card(model_dir, capsys):
+def test_push_dry_run_lists_the_upload_and_writes_nothing(model_dir, capsys):
     path, _, _ = model_dir
     (path / "checkpoint-5").mkdir()
     (path / "checkpoint-5" / "optimizer.pt").write_bytes(b"x")
+    (path / "runs").mkdir()
+    (path / "runs" / "events.out.tfevents.1.my-laptop").write_bytes(b"x")
+    finish_model_dir(path)  # the card of a finished run, naming the local directory
+    before = {p: p.read_bytes() for p in path.glob("**/*") if p.is_file()}
     assert hfgpt_main(["push", str(path), "someone/model", "--dry_run"]) == 0
-    listed = capsys.readouterr().out.split()
-    assert listed == files_to_upload(path) and "README.md" in listed and "modeling_hfgpt.py" in listed
-    assert not any(name.startswith("checkpoint-") for name in listed)
-    assert 'from_pretrained("someone/model")' in (path / files.MODEL_CARD).read_text()
+    out = capsys.readouterr().out
+    assert out.startswith("Dry run: nothing is uploaded")
+    uploading, leaving = out.split("It would leave behind:")
+    listed = [line.split()[0] for line in uploading.splitlines()[2:]]
+    assert listed == sorted(set(files_to_upload(path)) | {files.MODEL_CARD})
+    assert "checkpoint-5/" in leaving and "runs/" in leaving and "my-laptop" not in uploading
+    assert {p: p.read_bytes() for p in path.glob("**/*") if p.is_file()} == before  # nothing written
