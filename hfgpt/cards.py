@@ -140,6 +140,7 @@ def _tokenizer_rows(model_dir: Path) -> tuple[list[tuple[str, str]], bool]:
 
 def _training_sections(summary: dict) -> list[tuple[str, list[tuple[str, str]]]]:
     """training_summary.json as tables: its scalar entries first, then one table per nested dict."""
+    summary = {key: value for key, value in summary.items() if key != files.TRAINING_DATA_FILES}
     scalars = [(key, _format(value)) for key, value in summary.items()
                if not isinstance(value, dict) and value is not None]
     sections = [("", scalars)] if scalars else []
@@ -166,10 +167,13 @@ def _evaluation(eval_results: dict, default_task: str):
         if not isinstance(values, dict):
             continue
         task_type, task_name, metric_keys = _EVAL_SECTIONS.get(
-            section, (default_task, _TASKS.get(default_task, default_task), None))
+            files.eval_section_name(section), (default_task, _TASKS.get(default_task, default_task), None))
         if metric_keys is None:  # a section hfgpt does not know: its float values are the metrics
             metric_keys = tuple(key for key, value in values.items() if isinstance(value, float))
         dataset = _dataset_of(values)
+        # a score on the model's own training data is shown as such, and never published as a benchmark result
+        on_training_data = bool(dataset and dataset.get("training_data"))
+        shown_dataset = (dataset["name"] + (" (training data)" if on_training_data else "")) if dataset else "—"
         average = values.get("average")
         window = {key: values[key] for key in ("max_length", "stride") if key in values} or None
         for key in metric_keys:
@@ -181,9 +185,8 @@ def _evaluation(eval_results: dict, default_task: str):
                 name, metric_args = f"{name} ({average})", {"average": average}
             elif key == "perplexity":
                 metric_args = window
-            rows.append({"task": task_name, "dataset": dataset["name"] if dataset else "—", "metric": name,
-                         "value": _format(float(value))})
-            if dataset:
+            rows.append({"task": task_name, "dataset": shown_dataset, "metric": name, "value": _format(float(value))})
+            if dataset and not on_training_data:
                 results.append(EvalResult(
                     task_type=task_type, task_name=task_name, dataset_type=Path(dataset["name"]).stem,
                     dataset_name=dataset["name"], dataset_split=dataset.get("split"), metric_type=key,
@@ -192,7 +195,7 @@ def _evaluation(eval_results: dict, default_task: str):
         if isinstance(values.get("confusion_matrix"), list):
             labels = values.get("label_names") or values.get("labels") or []
             if len(labels) == len(values["confusion_matrix"]):
-                title = dataset["name"] if dataset else section
+                title = shown_dataset if dataset else section
                 matrices.append((title, [str(label) for label in labels],
                                  list(zip(map(str, labels), values["confusion_matrix"]))))
     return rows, results, matrices

@@ -8,7 +8,8 @@ A model directory (the output of every training script, the input of every eval 
     training_summary.json   what the training script did: task, data, hyper-parameters, final metrics, wall time
     log_history.json / log_history.csv   every logged step (loss, learning rate, eval loss)
     loss_curve.png          the training and validation loss against steps
-    eval_results.json       {"perplexity": {...}, "rouge": {...}, "classification": {...}}, one key per eval script
+    eval_results.json       {"perplexity": {...}, "classification": {...}, "classification@test.tsv": {...}}: one
+                            entry per evaluation and dataset (`update_eval_results`), each with its "dataset"
     README.md               the model card
     generations.jsonl       SFT / DPO: answers to the held-out prompts, with their references
     preference_pairs.jsonl  DPO: each held-out preference pair with its implicit rewards
@@ -18,10 +19,12 @@ It also reads the data files users hand to the scripts (`read_rows`: JSON lines,
 """
 
 import csv
+import io
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 TRAINING_SUMMARY = "training_summary.json"
 LOG_HISTORY_JSON = "log_history.json"
@@ -76,54 +79,184 @@ def read_json(path: str | os.PathLike, default: Any = None) -> Any:
 ROW_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 
 
+class DataFileError(ValueError):
+    """A data file that cannot be read as rows: the message names the file, the line (1-based) and what is wrong."""
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DataFileError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[error.start]:02x}); save the file as "
+                            "UTF-8.") from None
+
+
+def _json_kind(value) -> str | None:
+    if value is None:
+        return None  # a missing value fits any column
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "object"}.get(
+        type(value), type(value).__name__)
+
+
+def iter_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
+    """(where, row) for each row of a JSON-lines, JSON, CSV or TSV file; `where` is "line N" (1-based; "item N" in a
+    JSON list). A row that cannot be read, or whose field has another type than in the rows before it (which
+    `datasets` cannot hold in one column), raises `DataFileError` naming the file, the line and the problem."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    text = _read_text(path)
+    if suffix in (".jsonl", ".json"):
+        if suffix == ".json" and text.lstrip().startswith("["):
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise DataFileError(f"{path}, line {error.lineno}: not valid JSON ({error.msg}, column "
+                                    f"{error.colno}).") from None
+            located = ((f"item {number}", item) for number, item in enumerate(items, 1))
+        else:
+            located = _json_lines(path, text)
+        kinds: dict[str, tuple[str, str]] = {}  # field -> (its type, where it was first seen)
+        for where, row in located:
+            if not isinstance(row, dict):
+                raise DataFileError(f"{path}, {where}: a JSON {type(row).__name__} where an object with named fields "
+                                    '(e.g. {"text": "..."}) is expected.')
+            for key, value in row.items():
+                kind = _json_kind(value)
+                first = kinds.setdefault(key, (kind, where)) if kind else None
+                if first and first[0] != kind:
+                    raise DataFileError(f"{path}, {where}: field {key!r} is a {kind} here but a {first[0]} on "
+                                        f"{first[1]}; every row must give a field the same type.")
+            yield where, row
+        return
+    # TSV has no quoting: a text starting with '"' must not swallow the lines after it
+    tsv = suffix == ".tsv"
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",",
+                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    header = None
+    try:
+        for fields in reader:
+            if not fields:
+                continue  # a blank line
+            if header is None:
+                header = fields
+                continue
+            if len(fields) != len(header):
+                hint = "a tab inside a text?" if tsv else "a comma inside an unquoted text? Quote the field"
+                raise DataFileError(f"{path}, line {reader.line_num}: {len(fields)} fields where the header (the first "
+                                    f"line) has {len(header)} ({hint}).")
+            yield f"line {reader.line_num}", dict(zip(header, fields))
+    except csv.Error as error:
+        raise DataFileError(f"{path}, line {reader.line_num}: {error}.") from None
+
+
+def _json_lines(path: Path, text: str) -> Iterator[tuple[str, object]]:
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"line {number}", json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataFileError(f"{path}, line {number}: not valid JSON ({error.msg}, column {error.colno}); each line "
+                                "of a .jsonl file must be one JSON object.") from None
+
+
+def check_data_file(path: str | os.PathLike) -> None:
+    """Read a data file through, raising `DataFileError` at its first bad line (.txt files: only the encoding)."""
+    path = Path(path)
+    if path.suffix.lower() in ROW_FILE_SUFFIXES:
+        for _ in iter_rows(path):
+            pass
+    else:
+        _read_text(path)
+
+
 def read_rows(path: str | os.PathLike, columns: tuple[str, ...] = ()) -> list[dict]:
     """Rows of a JSON-lines, CSV or TSV file as dicts (a `.json` file may also hold a list of objects).
 
-    Every name in `columns` must be present in every row; the error lists the columns that do exist.
+    Every name in `columns` must be present in every row; the error names the line and the columns that do exist.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Data file {path} does not exist.")
-    suffix = path.suffix.lower()
-    if suffix not in ROW_FILE_SUFFIXES:
+    if path.suffix.lower() not in ROW_FILE_SUFFIXES:
         raise ValueError(
             f"Unsupported data file {path}: use .jsonl, .json, .csv or .tsv (or .txt where plain text is accepted)."
         )
-    if suffix in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8")
-        if suffix == ".json" and text.lstrip().startswith("["):
-            rows = json.loads(text)
-        else:
-            rows = []
-            for line_number, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise ValueError(f"{path}:{line_number} is not valid JSON: {error}") from None
-    else:
-        with path.open(encoding="utf-8", newline="") as handle:
-            # TSV has no quoting: a text starting with '"' must not swallow the lines after it
-            tsv = suffix == ".tsv"
-            rows = list(csv.DictReader(handle, delimiter="\t" if tsv else ",",
-                                       quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL))
-    if not rows:
-        raise ValueError(f"Data file {path} holds no rows.")
-    for index, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}: row {index} is {type(row).__name__}, expected an object with named fields.")
+    rows = []
+    for where, row in iter_rows(path):
         missing = [column for column in columns if column not in row]
         if missing:
-            raise ValueError(
-                f"{path}: row {index} has no column {', '.join(map(repr, missing))}; its columns are "
+            raise DataFileError(
+                f"{path}, {where}: row {len(rows) + 1} has no column {', '.join(map(repr, missing))}; its columns are "
                 f"{', '.join(map(repr, row))}. Pick the right ones with the --*_column arguments."
             )
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"Data file {path} holds no rows.")
     return rows
 
 
+def _dataset_identity(results: dict) -> tuple:
+    dataset = results.get("dataset") if isinstance(results, dict) else None
+    if isinstance(dataset, dict):
+        return dataset.get("name"), dataset.get("split")
+    return dataset, None
+
+
+def eval_results_key(all_results: dict, name: str, results: dict) -> str:
+    """Where `results` go in eval_results.json: under `name` when that entry is free or holds the same dataset (and
+    split), else under `name@<dataset>[:<split>]`. So a result on other data never replaces one: a training run's
+    held-out score stays beside a score on any other file."""
+    dataset, split = _dataset_identity(results)
+    existing = all_results.get(name)
+    if existing is None or _dataset_identity(existing) == (dataset, split) or dataset is None:
+        return name
+    return f"{name}@{dataset}" + (f":{split}" if split else "")
+
+
+def eval_section_name(key: str) -> str:
+    """The evaluation an eval_results.json key belongs to: 'classification@test.tsv' -> 'classification'."""
+    return key.split("@", 1)[0]
+
+
 def update_eval_results(model_dir: str | os.PathLike, name: str, results: dict) -> Path:
-    """Merge one eval script's results into <model_dir>/eval_results.json under `name`."""
+    """Merge one evaluation's results into <model_dir>/eval_results.json (see `eval_results_key`)."""
     path = Path(model_dir) / EVAL_RESULTS
     all_results = read_json(path, default={})
-    all_results[name] = results
+    all_results[eval_results_key(all_results, name, results)] = results
     return write_json(path, all_results)
+
+
+def fingerprint(path: str | os.PathLike) -> dict:
+    """{"name", "bytes", "sha256"} of a data file: enough to recognise it again wherever it is copied, and nothing
+    about where it lives on this machine (training_summary.json is published with the model)."""
+    import hashlib
+
+    path = Path(path)
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+# training_summary.json: the fingerprints of the files a run trained on (see `training_file_named`)
+TRAINING_DATA_FILES = "training_data_files"
+
+
+def training_file_named(model_dir: str | os.PathLike, path: str | os.PathLike) -> str | None:
+    """The name of the training file of the run in `model_dir` that `path` is (same size and contents), or None.
+    Runs that did not record their files (older ones, Hub datasets) give None."""
+    summary = read_json(Path(model_dir) / TRAINING_SUMMARY, default={}) or {}
+    recorded = summary.get(TRAINING_DATA_FILES) or []
+    path = Path(path)
+    if not recorded or not path.is_file():
+        return None
+    size = path.stat().st_size
+    candidates = [entry for entry in recorded if isinstance(entry, dict) and entry.get("bytes") == size]
+    if not candidates:  # no file of that size: no need to read it
+        return None
+    digest = fingerprint(path)["sha256"]
+    return next((entry["name"] for entry in candidates if entry.get("sha256") == digest), None)

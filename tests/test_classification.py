@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import hfgpt  # noqa: F401  (registers the Auto classes)
-from hfgpt import HFGPTConfig, HFGPTForCausalLM, HFGPTForSequenceClassification
+from hfgpt import HFGPTConfig, HFGPTForCausalLM, HFGPTForSequenceClassification, files
+from hfgpt.cli import main as hfgpt_main
 from hfgpt.data.labels import encode_labels, load_labelled_datasets
 from hfgpt.data.sources import DataError
 from hfgpt.training.classification import (
@@ -247,6 +248,11 @@ def test_classify_full_end_to_end(base_dir, tmp_path):
     assert summary["method"] == "full" and summary["class_weights"] == "balanced"
     assert summary["parameters"]["trainable"] == summary["parameters"]["total"]
     assert summary["memory"]["peak_rss_bytes"] > 0
+    # the training file is recorded (name, size, hash: no path), so that evaluating on it is caught
+    assert summary["training_data_files"] == [files.fingerprint(train)]
+    assert hfgpt_main(["eval", "classification", "--model_name_or_path", str(out), "--file", str(train)]) == 1
+    assert hfgpt_main(["eval", "classification", "--model_name_or_path", str(out), "--file", str(validation)]) == 0
+    assert json.loads((out / "eval_results.json").read_text())["classification"]["accuracy"] == results["accuracy"]
     # accuracy, precision, recall and F1 at every epoch
     history = json.loads((out / "log_history.json").read_text())
     per_epoch = [entry for entry in history if "eval_f1" in entry and "eval_recall" in entry]

@@ -101,6 +101,38 @@ def test_clear_errors_for_bad_data(tmp_path):
 # Tokenizing and packing
 
 
+BAD_FILES = {  # name: (content, the message's line and reason)
+    "rows.jsonl": ('{"text": "a"}\n\n{"text": "b"}\n{"text": "c",}\n{"text": "d"}\n',
+                   "rows.jsonl, line 4: not valid JSON (Expecting property name"),
+    "list.jsonl": ('{"text": "a"}\n["b"]\n', "list.jsonl, line 2: a JSON list where an object with named fields"),
+    "rows.json": ('[{"text": "a"},\n {"text": }]', "rows.json, line 2: not valid JSON (Expecting value"),
+    "rows.csv": ("text,label\nhi,1\nhello, world,2\n", "rows.csv, line 3: 3 fields where the header (the first "
+                 "line) has 2 (a comma inside an unquoted text? Quote the field)"),
+    "rows.tsv": ("text\tlabel\nhi\t1\nho\t2\t3\n", "rows.tsv, line 3: 3 fields where the header"),
+    "latin1.tsv": ("text\tlabel\ncaf\xe9\t1\n".encode("latin-1"), "latin1.tsv, line 2: not UTF-8 text (byte 0xe9)"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_FILES)
+def test_a_malformed_line_is_one_message_with_the_file_and_line(tmp_path, name, capsys):
+    from hfgpt.files import DataFileError, read_rows
+    from hfgpt.training.pretrain import main as pretrain_main
+
+    content, expected = BAD_FILES[name]
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    for read in (lambda: load_raw_datasets(train_files=str(path), validation_split_percentage=0),
+                 lambda: read_rows(path)):
+        with pytest.raises(DataFileError) as error:
+            read()
+        assert str(error.value).startswith(str(path.parent / expected))
+    # the command prints that one message, not datasets' traceback
+    assert pretrain_main(["--train_file", str(path), "--output_dir", str(tmp_path / "out")]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if line.strip() and "examples/s]" not in line]  # progress bars
+    assert len(lines) == 1 and lines[0].startswith(f"hfgpt pretrain: error: {path.parent / expected}")
+
+
 def test_pack_token_stream_restarts_positions_at_documents_and_blocks():
     eos = 0
     docs = [[eos, 5, 6, 7], [eos], [eos, 8, 9], [eos, 1, 2, 3, 4, 5, 6]]  # [eos] alone is an empty document

@@ -2,6 +2,7 @@
 reference-library numbers, their errors on bad input, and the `hfgpt eval` runners."""
 
 import json
+import re
 import math
 import os
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from hfgpt import HFGPTConfig, HFGPTForCausalLM, HFGPTForSequenceClassification
+from hfgpt import HFGPTConfig, HFGPTForCausalLM, HFGPTForSequenceClassification, files
 from hfgpt.cli import main as hfgpt_main
 from hfgpt.evaluation import METRIC_NAMES, metric_path
 from hfgpt.evaluation.perplexity import compute_perplexity, sliding_windows
@@ -475,25 +476,74 @@ def test_eval_classification_matches_scikit_learn(classifier_dir, tmp_path, suff
 
 
 def test_eval_runners_bad_input(classifier_dir, lm_dir, tmp_path, capsys):
+    """Bad input is one message on stderr and exit status 1, not a traceback."""
     cls_path, _, _ = classifier_dir
     lm_path, model, _ = lm_dir
     data = write_jsonl(tmp_path / "rows.jsonl", [{"text": "good", "label": "great"}])
-    with pytest.raises(ValueError, match="label values the model was not trained on: 'great'.*'neg', 'neu', 'pos'"):
-        hfgpt_main(["eval", "classification", "--model_name_or_path", str(cls_path), "--file", str(data)])
-    with pytest.raises(ValueError, match="row 0 has no column 'sentence'; its columns are 'text', 'label'"):
-        hfgpt_main(["eval", "classification", "--model_name_or_path", str(cls_path), "--file", str(data),
-                    "--text_column", "sentence"])
+
+    def error_of(*argv):
+        capsys.readouterr()
+        assert hfgpt_main(["eval", *argv]) == 1
+        return capsys.readouterr().err
+
+    assert re.search("label values the model was not trained on: 'great'.*'neg', 'neu', 'pos'",
+                     error_of("classification", "--model_name_or_path", str(cls_path), "--file", str(data)))
+    assert "row 1 has no column 'sentence'; its columns are 'text', 'label'" in error_of(
+        "classification", "--model_name_or_path", str(cls_path), "--file", str(data), "--text_column", "sentence")
     no_tokenizer = tmp_path / "no_tokenizer"
     model.save_pretrained(no_tokenizer)
-    with pytest.raises(FileNotFoundError, match="has no tokenizer"):
-        hfgpt_main(["eval", "perplexity", "--model_name_or_path", str(no_tokenizer), "--file", str(data)])
+    assert "has no tokenizer" in error_of("perplexity", "--model_name_or_path", str(no_tokenizer), "--file", str(data))
     with pytest.raises(SystemExit) as exit_info:  # neither a predictions file nor prompts
         hfgpt_main(["eval", "rouge", "--model_name_or_path", str(lm_path)])
     assert exit_info.value.code == 2 and "either --predictions_file" in capsys.readouterr().err
     empty = write_jsonl(tmp_path / "empty_predictions.jsonl", [])
-    with pytest.raises(ValueError, match="holds no rows"):
-        hfgpt_main(["eval", "rouge", "--predictions_file", str(empty)])
+    assert "holds no rows" in error_of("rouge", "--predictions_file", str(empty))
     assert hfgpt_main(["eval", "bleu"]) == 2
+
+
+def test_eval_keeps_results_per_dataset_and_refuses_training_data(classifier_dir, tmp_path, capsys):
+    """A score on other data goes beside the run's held-out score, never over it; the run's own training file is
+    refused (or, with --allow_training_data, marked and kept out of the card's model-index)."""
+    from huggingface_hub import ModelCard
+
+    from hfgpt.cards import write_model_card
+
+    path, _, _ = classifier_dir
+    rows = [{"text": t, "label": y} for t, y in zip(TEXTS, ["neg", "pos", "neu"])]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    files.write_json(path / files.TRAINING_SUMMARY, {"train_files": [str(train)],
+                                                       files.TRAINING_DATA_FILES: [files.fingerprint(train)]})
+    held_out = {"accuracy": 0.5, "dataset": {"name": "train.jsonl", "split": "validation"}}
+    files.update_eval_results(path, "classification", held_out)
+
+    copy = tmp_path / "elsewhere" / "same-rows.jsonl"  # a copy under another name is still the training data
+    copy.parent.mkdir()
+    copy.write_bytes(train.read_bytes())
+    for data in (train, copy):
+        capsys.readouterr()
+        assert hfgpt_main(["eval", "classification", "--model_name_or_path", str(path), "--file", str(data)]) == 1
+        error = capsys.readouterr().err
+        assert "a file this model was trained on" in error and "--allow_training_data" in error
+    assert read_json(path / EVAL_RESULTS) == {"classification": held_out}
+
+    other = write_jsonl(tmp_path / "test.jsonl", rows[::-1])
+    assert hfgpt_main(["eval", "classification", "--model_name_or_path", str(path), "--file", str(other)]) == 0
+    assert hfgpt_main(["eval", "classification", "--model_name_or_path", str(path), "--file", str(train),
+                       "--allow_training_data"]) == 0
+    assert "Warning" in capsys.readouterr().err
+    saved = read_json(path / EVAL_RESULTS)
+    assert saved["classification"] == held_out  # the held-out score is still there
+    assert saved["classification@test.jsonl"]["dataset"] == {"name": "test.jsonl", "text_column": "text",
+                                                             "label_column": "label"}  # no local path
+    assert saved["classification@train.jsonl"]["dataset"]["training_data"] is True
+    # the same dataset again replaces its own entry only
+    assert hfgpt_main(["eval", "classification", "--model_name_or_path", str(path), "--file", str(other)]) == 0
+    assert set(read_json(path / EVAL_RESULTS)) == set(saved)
+
+    card = ModelCard.load(write_model_card(path))
+    assert "| train.jsonl (training data) | Accuracy |" in card.text
+    published = {(result.dataset_name, result.dataset_split) for result in card.data.eval_results}
+    assert published == {("train.jsonl", "validation"), ("test.jsonl", None)}
 
 
 def test_rouge_prompts_follow_the_training_formatting(tmp_path):

@@ -13,8 +13,10 @@ File formats, chosen by extension:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -27,6 +29,8 @@ from datasets import (
     load_dataset,
     load_from_disk,
 )
+
+from .. import files
 
 # extension -> the `datasets` builder that reads it (+ its keyword arguments)
 FILE_BUILDERS: dict[str, tuple[str, dict]] = {
@@ -180,11 +184,35 @@ def _load_files(train_files, validation_files, streaming, sample_by, cache_dir) 
     empty = [path for paths in data_files.values() for path in paths if Path(path).stat().st_size == 0]
     if len(empty) == sum(map(len, data_files.values())):
         raise DataError(f"The corpus is empty: every data file is empty ({', '.join(empty)}).")
-    raw = load_dataset(builder, data_files=data_files, streaming=streaming, cache_dir=cache_dir, **kwargs)
+    try:
+        with _quiet_logger("datasets"):  # its log line on a bad file names a 0-based row with a misleading reason
+            raw = load_dataset(builder, data_files=data_files, streaming=streaming, cache_dir=cache_dir, **kwargs)
+    except Exception as error:  # datasets' error buries the file and row (0-based) in a long traceback
+        _explain_read_error([path for paths in data_files.values() for path in paths], error)
     if builder == "text":  # blank lines (sample_by="line") are no documents
         raw = raw.filter(lambda row: not row["text"].isspace() and row["text"] != "", **(
             {} if streaming else {"desc": "Dropping blank lines"}))
     return raw
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _explain_read_error(paths: Sequence[str], error: Exception) -> None:
+    """After `datasets` failed to read files: find the first bad line ourselves and raise one message naming the
+    file, the line (1-based) and what is wrong (`files.DataFileError`); if every line reads, datasets' error in one
+    line."""
+    for path in paths:
+        files.check_data_file(path)
+    raise DataError(f"Could not read {', '.join(paths)}: {type(error).__name__}: {error}") from error
 
 
 def _load_saved(path: str, streaming: bool) -> RawDatasets:

@@ -28,6 +28,11 @@ class ModelArguments:
         default=None,
         metadata={"help": f"Where to merge the results into {files.EVAL_RESULTS}. Default: the model directory."},
     )
+    allow_training_data: bool = field(
+        default=False,
+        metadata={"help": "Score a file the model was trained on (training_summary.json records the run's files; "
+                          "such a file is refused by default). The result is marked as training data."},
+    )
 
 
 @dataclass
@@ -107,8 +112,40 @@ def _report(name: str, results: dict, args) -> None:
     print(f"Saved to {path}")
 
 
-def _dataset_info(path: str, **extra) -> dict:
-    return {"name": Path(path).name, "path": str(Path(path).resolve()), **extra}
+def _dataset_info(path: str, args=None, **extra) -> dict:
+    """eval_results.json's "dataset": the file's name (no path: the results are published with the model), and
+    whether the model was trained on it."""
+    info = {"name": Path(path).name, **extra}
+    if args is not None and _training_file(path, args):
+        info["training_data"] = True
+    return info
+
+
+class TrainingDataError(ValueError):
+    """The evaluation file is one the model was trained on."""
+
+
+def _training_file(path: str, args) -> str | None:
+    model_dir = args.model_name_or_path
+    if not model_dir or not Path(model_dir).is_dir():
+        return None
+    return files.training_file_named(model_dir, path)
+
+
+def check_not_training_data(path: str, args) -> None:
+    """Refuse to score the model on a file its run trained on (unless --allow_training_data): that number measures
+    memory, not generalisation, and would sit in the card beside the held-out one."""
+    name = _training_file(path, args)
+    if name is None:
+        return
+    if not args.allow_training_data:
+        raise TrainingDataError(
+            f"{path} is {name}, a file this model was trained on ({files.TRAINING_SUMMARY} in "
+            f"{args.model_name_or_path} records it). A score on it measures how well the model remembers its training "
+            "data, not how it does on new data. Evaluate on held-out data (a file the run did not train on), or pass "
+            "--allow_training_data to score it anyway: the result is then marked as training data.")
+    print(f"Warning: {path} is a file this model was trained on (--allow_training_data): the result is marked as "
+          "training data, and the model card keeps it out of the model-index metadata.", file=sys.stderr)
 
 
 def _model_and_tokenizer(args, auto_class=None):
@@ -147,6 +184,7 @@ def perplexity_main(argv: list[str] | None = None) -> int:
 
     args, parser = _parse(PerplexityArguments, argv, "hfgpt eval perplexity")
     _require(parser, model_name_or_path=args.model_name_or_path, file=args.file)
+    check_not_training_data(args.file, args)
     texts = read_texts(args.file, args.text_column)
     kept = [text for text in texts if text.strip()]
     if not kept:
@@ -159,7 +197,8 @@ def perplexity_main(argv: list[str] | None = None) -> int:
     summary = {key: results[key] for key in ("perplexity", "mean_nll", "mean_perplexity", "num_tokens", "max_length",
                                              "stride")}
     summary.update(num_texts=len(kept), skipped_empty_texts=len(texts) - len(kept),
-                   dataset=_dataset_info(args.file, column=None if args.file.endswith(".txt") else args.text_column))
+                   dataset=_dataset_info(args.file, args,
+                                         column=None if args.file.endswith(".txt") else args.text_column))
     _report("perplexity", summary, args)
     return 0
 
@@ -272,6 +311,7 @@ def rouge_main(argv: list[str] | None = None) -> int:
         dataset = _dataset_info(args.predictions_file)
     else:
         _require(parser, model_name_or_path=args.model_name_or_path)
+        check_not_training_data(args.prompts_file, args)
         import torch
 
         torch.manual_seed(args.seed)
@@ -282,7 +322,7 @@ def rouge_main(argv: list[str] | None = None) -> int:
         predictions, truncated = generate_responses(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
         extra = {"max_new_tokens": args.max_new_tokens, "chat_template": bool(tokenizer.chat_template),
                  "truncated_prompts": truncated}
-        dataset = _dataset_info(args.prompts_file)
+        dataset = _dataset_info(args.prompts_file, args)
         if args.save_predictions:
             out = Path(args.save_predictions)
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -333,6 +373,7 @@ def classification_main(argv: list[str] | None = None) -> int:
 
     args, parser = _parse(ClassificationArguments, argv, "hfgpt eval classification")
     _require(parser, model_name_or_path=args.model_name_or_path, file=args.file)
+    check_not_training_data(args.file, args)
     rows = read_rows(args.file, columns=(args.text_column, args.label_column))
     model, tokenizer = _model_and_tokenizer(args, auto_class=AutoModelForSequenceClassification)
     # the same label-name -> class-id mapping the classification training uses
@@ -344,7 +385,7 @@ def classification_main(argv: list[str] | None = None) -> int:
     results = evaluate.load(metric_path("classification")).compute(
         predictions=predictions, references=references, labels=labels, average=args.average, zero_division=0.0)
     results["label_names"] = [model.config.id2label[i] for i in labels]
-    results.update(num_examples=len(rows), dataset=_dataset_info(args.file, text_column=args.text_column,
+    results.update(num_examples=len(rows), dataset=_dataset_info(args.file, args, text_column=args.text_column,
                                                                  label_column=args.label_column))
     _report("classification", results, args)
     return 0
@@ -369,4 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         print(("" if known else f"hfgpt eval: unknown evaluation {argv[0]!r}\n\n") + "\n".join(lines),
               file=sys.stdout if known else sys.stderr)
         return 0 if known else 2
-    return EVALUATIONS[argv[0]][0](argv[1:])
+    try:
+        return EVALUATIONS[argv[0]][0](argv[1:])
+    except (FileNotFoundError, ValueError) as error:  # bad input: a message, not a traceback
+        print(f"hfgpt eval {argv[0]}: error: {error}", file=sys.stderr)
+        return 1

@@ -49,6 +49,7 @@ from .common import (
     save_final_model,
     training_arguments_summary,
     training_callbacks,
+    training_data_record,
     write_training_summary,
 )
 from .speed import SpeedArguments, SpeedMixin, uncompile
@@ -685,6 +686,7 @@ def train_and_finish(task: str, run: PreparedRun, eval_prompts=None, generation:
         "task": task,
         "base_model": run.base_model,
         "dataset_name": data_source.get("train"),
+        **training_data_record(data_source.get("train_files")),
         **run.details,
         "outputs": written,
         "training_arguments": training_arguments_summary(args),
@@ -772,6 +774,7 @@ def _script_inputs(script_args: AlignmentArguments):
         "validation": (", ".join(validation_files) if validation_files else
                        f"{script_args.validation_split_percentage:g}% of the training rows" if held_out else None),
         "eval_prompts": script_args.eval_prompts_file,
+        "train_files": train_files,  # fingerprinted into the summary, so that `hfgpt eval` recognises them
     }
     eval_prompts = files.read_rows(script_args.eval_prompts_file) if script_args.eval_prompts_file else None
     if eval_prompts is None and held_out is not None:

@@ -54,6 +54,7 @@ from .common import (
     save_final_model,
     training_arguments_summary,
     training_callbacks,
+    training_data_record,
     write_training_summary,
 )
 from .speed import SpeedArguments, SpeedMixin, uncompile
@@ -311,7 +312,8 @@ def _model_config(args: ClassificationArguments):
 def _data_description(args: ClassificationArguments) -> dict:
     """The data, as the training summary (and so the model card) records it; the same keys as hfgpt pretrain."""
     return {"dataset_name": args.dataset_name, "dataset_config_name": args.dataset_config_name,
-            "train_files": args.train_file, "validation_files": args.validation_file}
+            "train_files": args.train_file, "validation_files": args.validation_file,
+            **training_data_record(args.train_file)}
 
 
 @dataclass

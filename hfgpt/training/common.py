@@ -305,6 +305,8 @@ def check_output_dir(output_dir: str | os.PathLike, config: PreTrainedConfig, re
     if overwrite_output_dir:
         for path in earlier:
             shutil.rmtree(path, ignore_errors=True)
+        # the old model's scores must not be shown as the new model's
+        (output_dir / files.EVAL_RESULTS).unlink(missing_ok=True)
 
 
 def has_accelerator() -> bool:
@@ -402,6 +404,17 @@ def training_arguments_summary(args) -> dict:
     return summary
 
 
+def training_data_record(train_files) -> dict:
+    """training_summary.json's fingerprints of the training files (name, size, sha256; no paths), by which
+    `hfgpt eval` recognises a file the model was trained on. Empty for Hub datasets and in-memory rows."""
+    from ..data.sources import expand_data_files, split_file_list
+
+    paths = expand_data_files(split_file_list(train_files)) if train_files else []
+    if not paths:
+        return {}
+    return {files.TRAINING_DATA_FILES: [files.fingerprint(path) for path in paths]}
+
+
 def write_training_summary(output_dir: str | os.PathLike, summary: dict) -> Path:
     """training_summary.json (read by the model card)."""
     return files.write_json(Path(output_dir) / files.TRAINING_SUMMARY, summary)
@@ -427,6 +440,7 @@ __all__ = [
     "training_arguments_summary",
     "use_cpu_for_multiple_cpu_processes",
     "warn_if_sharding_is_ignored",
+    "training_data_record",
     "write_log_history",
     "write_training_summary",
 ]

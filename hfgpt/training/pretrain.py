@@ -63,6 +63,7 @@ from .common import (
     save_final_model,
     training_arguments_summary,
     training_callbacks,
+    training_data_record,
     use_cpu_for_multiple_cpu_processes,
     warn_if_sharding_is_ignored,
     write_training_summary,
@@ -261,7 +262,7 @@ def load_training_rows(args: PretrainArguments):
             required_columns=[args.text_column], sample_by=args.sample_by,
         )
         return raw, {"dataset_name": args.dataset_name, "train_files": args.train_file,
-                     "validation_files": args.validation_file}
+                     "validation_files": args.validation_file, **training_data_record(args.train_file)}
     if args.validation_file or args.streaming:
         raise DataError("--validation_file / --streaming need training data: pass --train_file or --dataset_name.")
     print(f"No --train_file or --dataset_name: training on the {DEFAULT_CORPUS_DESCRIPTION}.")
