@@ -29,6 +29,9 @@ _METRIC_NAMES = {"perplexity": "Perplexity", "rouge1": "ROUGE-1", "rouge2": "ROU
                  "rougeLsum": "ROUGE-Lsum", "accuracy": "Accuracy", "precision": "Precision", "recall": "Recall",
                  "f1": "F1"}
 _TASKS = {"text-generation": "Text Generation", "text-classification": "Text Classification"}
+# training_summary.json tasks that teach a model to answer in its chat template (hfgpt.training.alignment's SFT_TASK,
+# DPO_TASK): only those models are tagged `conversational` and shown with a chat example
+CHAT_TASKS = ("instruction tuning (SFT)", "preference tuning (DPO)")
 
 
 def count_parameters(model_dir: str | os.PathLike) -> int | None:
@@ -222,13 +225,15 @@ def build_model_card(model_dir: str | os.PathLike, model_id: str | None = None, 
     eval_rows, eval_results, matrices = _evaluation(files.read_json(model_dir / files.EVAL_RESULTS, default={}) or {},
                                                     pipeline_tag)
 
+    # a base model's tokenizer has the chat template too (hfgpt's tokenizers always do): the training decides
+    chat_trained = has_chat_template and not is_classifier and summary.get("task") in CHAT_TASKS
     base_model = summary.get("base_model")
     hub_datasets = [name for name in _as_list(summary.get("dataset_name")) if not Path(name).exists()]
     card_data = ModelCardData(
         model_name=model_name,
         library_name="transformers",
         pipeline_tag=pipeline_tag,
-        tags=["hfgpt", "custom_code"] + (["conversational"] if has_chat_template and not is_classifier else []),
+        tags=["hfgpt", "custom_code"] + (["conversational"] if chat_trained else []),
         license=license,
         language=language,
         base_model=base_model if isinstance(base_model, str) and not Path(base_model).exists() else None,
@@ -256,6 +261,7 @@ def build_model_card(model_dir: str | os.PathLike, model_id: str | None = None, 
         architecture=_architecture_rows(config, num_parameters),
         tokenizer=tokenizer_rows,
         has_chat_template=has_chat_template,
+        chat_trained=chat_trained,
         training=_training_sections(summary),
         loss_curve=files.LOSS_CURVE if (model_dir / files.LOSS_CURVE).is_file() else None,
         evaluation=eval_rows,

@@ -1,5 +1,6 @@
 """Model cards: what write_model_card puts in README.md, the model-index metadata, and what it leaves out."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from hfgpt.cards import count_parameters, write_model_card
 from hfgpt.cli import main as hfgpt_main
 
 SUMMARY = {
-    "task": "pretraining",
+    "task": "instruction tuning (SFT)",
     "train_files": ["corpus.txt"],
     "train_runtime_seconds": 12.5,
     "hyperparameters": {"learning_rate": 0.0006, "per_device_train_batch_size": 8, "max_steps": 40},
@@ -82,7 +83,7 @@ def test_card_describes_the_full_directory(full_dir):
     assert table_value(text, "chat template") == "yes"
     assert "\\|endoftext\\|" in table_value(text, "special tokens")  # escaped: a bare | would split the table
     # training summary: scalars and each nested table, with the numbers as written
-    assert table_value(text, "task") == "pretraining"
+    assert table_value(text, "task") == "instruction tuning (SFT)"
     assert table_value(text, "learning_rate") == "0.0006"
     assert table_value(text, "eval_loss") == "5.25"
     assert "**Hyperparameters**" in text and "**Final metrics**" in text
@@ -92,7 +93,7 @@ def test_card_describes_the_full_directory(full_dir):
     assert "| Text Generation | prompts.jsonl | ROUGE-L | 0.2 |" in text
     # usage, with and without hfgpt
     assert 'AutoModelForCausalLM.from_pretrained("someone/hfgpt-modern-tiny", trust_remote_code=True)' in text
-    assert "import hfgpt" in text and "apply_chat_template" in text
+    assert "import hfgpt" in text and "apply_chat_template" in text and "pip install hfgpt" not in text
     assert "None" not in text
 
     data = card.data
@@ -179,3 +180,71 @@ def test_wheel_ships_the_card_template_and_metric_modules(tmp_path):
     assert "hfgpt/templates/model_card.md" in names
     for metric in ("perplexity", "rouge", "accuracy", "classification"):
         assert f"hfgpt/evaluation/metrics/{metric}/{metric}.py" in names
+
+
+def test_a_base_model_is_not_tagged_conversational_nor_shown_as_a_chat_model(full_dir):
+    """hfgpt's tokenizers all carry the chat template; only chat training (SFT, DPO) makes a conversational model."""
+    path, _ = full_dir
+    files.write_json(path / files.TRAINING_SUMMARY, {**SUMMARY, "task": "causal language modeling (pretraining)"})
+    card = ModelCard.load(write_model_card(path))
+    assert "conversational" not in card.data.tags
+    assert "apply_chat_template" not in card.text and 'tokenizer("Once upon a time"' in card.text
+    assert "This is a base model" in card.text
+
+
+def test_the_loss_curve_of_a_classifier_is_per_example(tmp_path, monkeypatch):
+    from hfgpt.training import common
+
+    labels = []
+    monkeypatch.setattr("matplotlib.axes.Axes.set_ylabel", lambda self, label, *a, **k: labels.append(label))
+    history = [{"step": 1, "loss": 0.7}, {"step": 2, "eval_loss": 0.6}]
+    common.plot_loss_curve(history, tmp_path / "lm.png")
+    common.plot_loss_curve(history, tmp_path / "cls.png", loss_per="example")
+    assert labels == ["cross-entropy (nats per token)", "cross-entropy (nats per example)"]
+
+
+SNIPPETS_CHILD = """
+import sys
+if sys.argv[1] == "without":
+    sys.modules["hfgpt"] = None  # hfgpt is not installed here: `import hfgpt` raises ImportError
+import torch
+torch.manual_seed(0)
+for code in sys.argv[2:]:
+    exec(compile(code, "card snippet", "exec"), {})
+"""
+
+
+def _snippets(card_text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", card_text, flags=re.DOTALL)
+
+
+def test_the_cards_code_runs_as_written_with_and_without_hfgpt(full_dir, tmp_path_factory):
+    """Each card's snippets, copied from the card: loading (remote code, then with hfgpt) and its example, for a base
+    model, a chat model and a classifier. Without hfgpt, nothing may stop at transformers' interactive [y/N] prompt
+    (stdin is closed)."""
+    chat_dir, _ = full_dir
+    tokenizer = make_tokenizer()
+    base_dir = tmp_path_factory.mktemp("base")
+    HFGPTForCausalLM(HFGPTConfig.from_preset("tiny", vocab_size=len(tokenizer))).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    classifier_dir = tmp_path_factory.mktemp("classifier")
+    HFGPTForSequenceClassification(HFGPTConfig.from_preset(
+        "tiny", vocab_size=len(tokenizer), num_labels=2, id2label={0: "ham", 1: "spam"},
+        label2id={"ham": 0, "spam": 1}, pad_token_id=tokenizer.pad_token_id)).save_pretrained(classifier_dir)
+    tokenizer.save_pretrained(classifier_dir)
+    programs = {"without": [], "with": []}
+    for path in (chat_dir, base_dir, classifier_dir):
+        remote, example, installed = _snippets(ModelCard.load(write_model_card(path)).text)
+        assert "trust_remote_code=True" in remote and remote.count("trust_remote_code=True") == 2
+        assert "import hfgpt" in installed and "trust_remote_code" not in installed
+        programs["without"].append(remote + example)
+        programs["with"].append(installed + example)
+    work = tmp_path_factory.mktemp("child")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(work / "modules")
+    for mode, codes in programs.items():
+        result = subprocess.run([sys.executable, "-c", SNIPPETS_CHILD, mode, *codes], cwd=work, env=env,
+                                capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, (mode, result.stderr[-3000:])
+        assert "[y/N]" not in result.stdout + result.stderr  # transformers asked whether to run the remote code
+        assert result.stdout.strip().splitlines()[-1] in ("ham", "spam")  # the classifier's example printed a label

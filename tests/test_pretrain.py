@@ -146,6 +146,53 @@ def test_resume_after_kill_9_ends_like_an_uninterrupted_run(tmp_path, corpus_fil
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
 
 
+INTERRUPTED_RUN = textwrap.dedent("""
+    import os, signal, sys
+    from transformers import TrainerCallback
+    import hfgpt.training.pretrain as pretrain
+
+    class CtrlCAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == int(sys.argv[1]):
+                os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C in the terminal sends
+
+    callbacks = pretrain.training_callbacks
+    pretrain.training_callbacks = lambda *args, **kwargs: [*callbacks(*args, **kwargs), CtrlCAt()]
+    sys.exit(pretrain.main(sys.argv[2:]))
+""")
+
+
+def test_ctrl_c_stops_cleanly_and_names_the_checkpoint_and_the_resume_command(tmp_path, corpus_file, tokenizer_dir,
+                                                                               capsys, monkeypatch):
+    import shlex
+
+    import transformers.trainer
+
+    out = tmp_path / "run"
+    arguments = tiny_run_args(out, corpus_file, tokenizer_dir, "--max_steps", "8", "--save_strategy", "steps",
+                              "--save_steps", "4", "--overwrite_output_dir")
+    script = tmp_path / "interrupted_run.py"
+    script.write_text(INTERRUPTED_RUN)
+    process = subprocess.run([sys.executable, str(script), "6", *arguments], capture_output=True, text=True,
+                             timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert process.returncode == 130, process.stderr[-3000:]
+    assert "Traceback" not in process.stderr and "KeyboardInterrupt" not in process.stderr
+    message = process.stderr.strip().splitlines()
+    assert message[-2] == f"hfgpt pretrain: interrupted. The last complete checkpoint is {out / 'checkpoint-4'} " \
+                          "(step 4); to continue from it, run"
+    command = shlex.split(message[-1])
+    assert command[:2] == ["hfgpt", "pretrain"] and command[-2:] == ["--resume_from_checkpoint", "true"]
+    assert "--overwrite_output_dir" not in command and command[2:-2] == arguments[:-1]
+
+    warnings = []
+    monkeypatch.setattr(transformers.trainer.logger, "warning", lambda message, *a, **k: warnings.append(message))
+    capsys.readouterr()
+    assert main(command[2:]) == 0  # the printed command, as printed
+    assert f"Resuming from {out / 'checkpoint-4'} (step 4)." in capsys.readouterr().out
+    assert not [w for w in warnings if "missing keys" in str(w)]  # the tied lm_head is no missing key
+    assert logged(out, "step")[-1] == 8
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Divergence
 

@@ -43,8 +43,10 @@ from .. import files
 from ..data import chat
 from .common import (
     MatrixWeightDecayMixin,
+    ResumeMixin,
     check_output_dir,
     end_distributed,
+    report_interrupted,
     resolve_resume_checkpoint,
     save_final_model,
     training_arguments_summary,
@@ -101,11 +103,11 @@ class HFGPTDPOConfig(SpeedArguments, trl.DPOConfig):
             )
 
 
-class SFTTrainer(SpeedMixin, MatrixWeightDecayMixin, trl.SFTTrainer):
+class SFTTrainer(SpeedMixin, ResumeMixin, MatrixWeightDecayMixin, trl.SFTTrainer):
     """TRL's SFTTrainer with hfgpt's weight-decay rule (matrices only), tokens/s and MFU in its logs."""
 
 
-class DPOTrainer(SpeedMixin, MatrixWeightDecayMixin, trl.DPOTrainer):
+class DPOTrainer(SpeedMixin, ResumeMixin, MatrixWeightDecayMixin, trl.DPOTrainer):
     """TRL's DPOTrainer with hfgpt's weight-decay rule (matrices only), tokens/s and MFU in its logs."""
 
     @property
@@ -810,7 +812,10 @@ def _command(prog: str, task: str, build, config_class, arguments_class, argv, *
     except (FileNotFoundError, ValueError) as error:  # bad input: a message, not a traceback
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 1
-    _report(train_and_finish(task, run, eval_prompts, generation, data_source, push_to_hub))
+    try:
+        _report(train_and_finish(task, run, eval_prompts, generation, data_source, push_to_hub))
+    except KeyboardInterrupt:  # Ctrl-C: where to resume from, not a traceback
+        return report_interrupted(prog, args.output_dir, argv)
     end_distributed()
     return 0
 

@@ -47,9 +47,11 @@ from ..data.sources import TRAIN_SPLIT, VALIDATION_SPLIT, DataError, split_file_
 from ..data.text import set_text_start_bos
 from .common import (
     MatrixWeightDecayMixin,
+    ResumeMixin,
     check_mixed_precision,
     check_output_dir,
     end_distributed,
+    report_interrupted,
     resolve_resume_checkpoint,
     save_final_model,
     training_arguments_summary,
@@ -248,7 +250,7 @@ def language_modelling_loss(model: nn.Module, hidden_states: torch.Tensor, input
     return ForCausalLMLoss(hidden_states @ embeddings.T, labels, vocab_size=embeddings.shape[0])
 
 
-class ClassificationTrainer(SpeedMixin, MatrixWeightDecayMixin, Trainer):
+class ClassificationTrainer(SpeedMixin, ResumeMixin, MatrixWeightDecayMixin, Trainer):
     """Trainer with weight decay on weight matrices only, evaluating in dataset order, and (with `lm_loss_weight`)
     the language-modelling loss added to the classification loss in training steps."""
 
@@ -412,7 +414,7 @@ def prepare_classification(args: ClassificationArguments, training_args: Classif
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=metrics_function(len(label_names)),
         compute_loss_func=compute_loss_func,
-        callbacks=[*training_callbacks(f"hfgpt classification: {output_dir.name}"), *callbacks],
+        callbacks=[*training_callbacks(f"hfgpt classification: {output_dir.name}", loss_per="example"), *callbacks],
         lm_loss_weight=args.lm_loss_weight,
     )
     training_args.push_to_hub = push_to_hub
@@ -508,7 +510,7 @@ def train_and_save(run: ClassificationRun) -> dict:
         report = run_report(trainer.model, run.memory, peft_args)
         write_training_summary(output_dir, {
             **{key: value for key, value in run.summary.items() if value is not None},
-            "resumed_from": run.resume_checkpoint,
+            "resumed_from": run.resume_checkpoint and Path(run.resume_checkpoint).name,
             **report,
             "hyperparameters": training_arguments_summary(training_args),
             "speed": trainer.speed_summary(train_output.metrics.get("train_runtime")),
@@ -580,7 +582,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, FileNotFoundError, ValueError) as error:  # bad input: a message, not a traceback
         print(f"hfgpt classify: error: {error}", file=sys.stderr)
         return 1
-    train_and_save(run)
+    try:
+        train_and_save(run)
+    except KeyboardInterrupt:  # Ctrl-C: where to resume from, not a traceback
+        return report_interrupted("hfgpt classify", run.training_args.output_dir, argv)
     end_distributed()
     return 0
 

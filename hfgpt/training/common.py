@@ -18,8 +18,10 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -100,8 +102,10 @@ def write_log_history(output_dir: str | os.PathLike, log_history: list[dict]) ->
     os.replace(tmp, output_dir / files.LOG_HISTORY_CSV)
 
 
-def plot_loss_curve(log_history: list[dict], path: str | os.PathLike, title: str | None = None) -> Path | None:
-    """Training loss and validation loss against the optimizer step; None when nothing was logged yet."""
+def plot_loss_curve(log_history: list[dict], path: str | os.PathLike, title: str | None = None,
+                    loss_per: str = "token") -> Path | None:
+    """Training loss and validation loss against the optimizer step; None when nothing was logged yet. `loss_per`:
+    what the loss is a mean over ("token" for language models, "example" for classifiers)."""
     train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
     evals = [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry and "step" in entry]
     if not train and not evals:
@@ -117,7 +121,7 @@ def plot_loss_curve(log_history: list[dict], path: str | os.PathLike, title: str
     if evals:
         axes.plot(*zip(*evals), "o-", label="validation loss", linewidth=1.5, markersize=4)
     axes.set_xlabel("optimizer step")
-    axes.set_ylabel("cross-entropy (nats per token)")
+    axes.set_ylabel(f"cross-entropy (nats per {loss_per})")
     axes.set_title(title or "Loss")
     axes.grid(alpha=0.3)
     axes.legend()
@@ -135,8 +139,8 @@ class LogHistoryCallback(TrainerCallback):
     """Writes log_history.json/.csv after every log and loss_curve.png after every evaluation and at the end, into
     `args.output_dir` (main process only), so an interrupted run still leaves its curves behind."""
 
-    def __init__(self, title: str | None = None):
-        self.title = title
+    def __init__(self, title: str | None = None, loss_per: str = "token"):
+        self.title, self.loss_per = title, loss_per
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero:
@@ -144,12 +148,12 @@ class LogHistoryCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if state.is_world_process_zero:
-            plot_loss_curve(state.log_history, Path(args.output_dir) / files.LOSS_CURVE, self.title)
+            plot_loss_curve(state.log_history, Path(args.output_dir) / files.LOSS_CURVE, self.title, self.loss_per)
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             write_log_history(args.output_dir, state.log_history)
-            plot_loss_curve(state.log_history, Path(args.output_dir) / files.LOSS_CURVE, self.title)
+            plot_loss_curve(state.log_history, Path(args.output_dir) / files.LOSS_CURVE, self.title, self.loss_per)
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -186,9 +190,9 @@ class StopOnNonFiniteWeights(TrainerCallback):
         )
 
 
-def training_callbacks(title: str | None = None) -> list[TrainerCallback]:
+def training_callbacks(title: str | None = None, loss_per: str = "token") -> list[TrainerCallback]:
     """The callbacks every hfgpt trainer starts with: curves kept on disk, and a diverged run stopped."""
-    return [LogHistoryCallback(title), StopOnNonFiniteWeights()]
+    return [LogHistoryCallback(title, loss_per), StopOnNonFiniteWeights()]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -249,6 +253,70 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_
         raise ValueError(f"--resume_from_checkpoint {path} is not a complete checkpoint (no readable "
                          f"{TRAINER_STATE_NAME}; was the run killed while saving it?).{hint}")
     return str(path)
+
+
+class ResumeMixin:
+    """Put before a `Trainer` class. On resume, says which checkpoint the run continues from; and stays quiet about
+    the tied output layer, which a checkpoint stores once (as the input embedding) and which is tied again on load,
+    where Trainer would warn `missing keys ... lm_head.weight`."""
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if self.is_world_process_zero():
+            state = files.read_json(Path(resume_from_checkpoint) / TRAINER_STATE_NAME, default={}) or {}
+            print(f"Resuming from {resume_from_checkpoint} (step {state.get('global_step', '?')}).")
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _issue_warnings_after_load(self, load_result):
+        tied = tied_parameter_names(self.model)
+        load_result.missing_keys[:] = [key for key in load_result.missing_keys if key not in tied]
+        return super()._issue_warnings_after_load(load_result)
+
+
+def tied_parameter_names(model: nn.Module) -> set[str]:
+    """Full names of the parameters tied to another one (transformers v5: `_tied_weights_keys` {target: source} on the
+    module that owns them), wrapped models (PEFT, DDP) included; only where the config really ties them."""
+    names = set()
+    for prefix, module in model.named_modules():
+        keys = getattr(module, "_tied_weights_keys", None)
+        config = getattr(module, "config", None)
+        if isinstance(keys, dict) and getattr(config, "tie_word_embeddings", False):
+            names |= {f"{prefix}.{key}" if prefix else key for key in keys}
+    return names
+
+
+def resume_command(prog: str, argv: Sequence[str]) -> str:
+    """The command that continues an interrupted run: the same arguments plus `--resume_from_checkpoint true`, less
+    `--overwrite_output_dir` (which would start over)."""
+    kept, args, index = [], list(argv), 0
+    while index < len(args):
+        argument = args[index]
+        index += 1
+        if argument.split("=", 1)[0] in ("--overwrite_output_dir", "--resume_from_checkpoint"):
+            if "=" not in argument and index < len(args) and not args[index].startswith("--"):
+                index += 1  # its value
+            continue
+        kept.append(argument)
+    return shlex.join([*prog.split(), *kept, "--resume_from_checkpoint", "true"])
+
+
+def report_interrupted(prog: str, output_dir: str | os.PathLike, argv: Sequence[str] | None) -> int:
+    """What a Ctrl-C during training prints instead of a traceback: where the last complete checkpoint is and the
+    exact command that resumes from it. Returns 130, the shell's status for a run ended by SIGINT."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    checkpoint = last_complete_checkpoint(output_dir)
+    if checkpoint is None:
+        message = (f"{prog}: interrupted before the first checkpoint was saved (--save_steps), so there is nothing to "
+                   "resume: run the same command again to start over.")
+    else:
+        step = (files.read_json(checkpoint / TRAINER_STATE_NAME, default={}) or {}).get("global_step")
+        if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+            how = f"set resume_from_checkpoint: true in {argv[0]} and run {prog} {argv[0]} again"
+        else:
+            how = f"run\n  {resume_command(prog, argv)}"
+        message = (f"{prog}: interrupted. The last complete checkpoint is {checkpoint} (step {step}); to continue "
+                   f"from it, {how}")
+    print("\n" + message, file=sys.stderr)
+    return 130
 
 
 # Config keys that do not change what the weights mean: metadata and training-time knobs.
@@ -424,6 +492,7 @@ __all__ = [
     "LogHistoryCallback",
     "MatrixWeightDecayMixin",
     "PerplexityMixin",
+    "ResumeMixin",
     "check_distributed_setup",
     "check_mixed_precision",
     "check_output_dir",
@@ -435,6 +504,8 @@ __all__ = [
     "last_complete_checkpoint",
     "perplexity",
     "plot_loss_curve",
+    "report_interrupted",
+    "resume_command",
     "resolve_resume_checkpoint",
     "save_final_model",
     "training_arguments_summary",

@@ -53,12 +53,14 @@ from ..hub import finish_model_dir
 from .speed import SpeedArguments, SpeedMixin, uncompile
 from .common import (
     MatrixWeightDecayMixin,
+    ResumeMixin,
     PerplexityMixin,
     check_distributed_setup,
     check_mixed_precision,
     check_output_dir,
     end_distributed,
     perplexity,
+    report_interrupted,
     resolve_resume_checkpoint,
     save_final_model,
     training_arguments_summary,
@@ -227,7 +229,9 @@ def load_or_train_tokenizer(args: PretrainArguments, training_args: TrainingArgu
     """The tokenizer and where it came from. Resuming reuses the checkpoint's tokenizer. A new tokenizer is trained
     on the main process only, saved into the output directory, and read from there by the other processes."""
     if resume_checkpoint and (Path(resume_checkpoint) / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(resume_checkpoint), f"{resume_checkpoint} (resumed)"
+        # the checkpoint is deleted once the run ends: name what the tokenizer is, not where it was read from
+        return (AutoTokenizer.from_pretrained(resume_checkpoint),
+                f"the interrupted run's, resumed from {Path(resume_checkpoint).name} (saved with this model)")
     if args.tokenizer_name_or_path:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path)
         if tokenizer.eos_token is None:
@@ -277,7 +281,7 @@ def load_training_rows(args: PretrainArguments):
     return raw, {"dataset": DEFAULT_CORPUS_DESCRIPTION}
 
 
-class PretrainingTrainer(SpeedMixin, MatrixWeightDecayMixin, PerplexityMixin, Trainer):
+class PretrainingTrainer(SpeedMixin, ResumeMixin, MatrixWeightDecayMixin, PerplexityMixin, Trainer):
     """Trainer with weight decay on matrices only, perplexity at every evaluation, tokens/s and MFU in every log."""
 
 
@@ -396,7 +400,7 @@ def train_and_save(run: PretrainingRun) -> dict:
         write_training_summary(output_dir, {
             **run.summary,
             "training_tokens": trainer.state.global_step * hyperparameters["global_batch_size"] * run.block_size,
-            "resumed_from": run.resume_checkpoint,
+            "resumed_from": run.resume_checkpoint and Path(run.resume_checkpoint).name,
             "hyperparameters": hyperparameters,
             "speed": trainer.speed_summary(train_output.metrics.get("train_runtime")),
             "final_metrics": {key: value for key, value in metrics.items() if isinstance(value, (int, float))},
@@ -446,7 +450,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, FileNotFoundError, ValueError) as error:  # bad input: a message, not a traceback
         print(f"hfgpt pretrain: error: {error}", file=sys.stderr)
         return 1
-    train_and_save(run)
+    try:
+        train_and_save(run)
+    except KeyboardInterrupt:  # Ctrl-C: where to resume from, not a traceback
+        return report_interrupted("hfgpt pretrain", run.training_args.output_dir, argv)
     end_distributed()
     return 0
 
