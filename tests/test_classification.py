@@ -103,8 +103,11 @@ def test_unknown_label_at_evaluation_is_an_error(tmp_path):
 
 def test_missing_column_names_the_columns_that_exist(tmp_path):
     train = _write_rows(tmp_path / "train.csv", [("ham", "a"), ("spam", "b")], header=("category", "message"))
-    with pytest.raises(DataError, match=r"no column 'text', 'label'; its columns are 'category', 'message'"):
+    with pytest.raises(DataError, match=r"no column 'text', 'label'; its columns are 'category', 'message'. "
+                                        r"Choose them with --text_column and --label_column"):
         load_labelled_datasets(train, validation_split_percentage=0)
+    with pytest.raises(DataError, match=r"no column 'label'; .* Choose one with --label_column\.$"):
+        load_labelled_datasets(train, text_column="message", validation_split_percentage=0)
     data, names = load_labelled_datasets(train, text_column="message", label_column="category",
                                          validation_split_percentage=0)
     assert names == ["ham", "spam"] and data["train"]["message"] == ["a", "b"]
@@ -210,7 +213,7 @@ def test_lm_loss_weight_adds_the_causal_lm_loss_in_training_only(class_weights, 
 # --- hfgpt classify ---------------------------------------------------------------------------------------------------
 
 
-def test_classify_full_end_to_end(base_dir, tmp_path):
+def test_classify_full_end_to_end(base_dir, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from hfgpt.evaluation.cli import predict_classes
@@ -218,10 +221,11 @@ def test_classify_full_end_to_end(base_dir, tmp_path):
     train = _write_rows(tmp_path / "train.tsv", _toy_rows(120))
     validation = _write_rows(tmp_path / "validation.tsv", _toy_rows(24, seed=1))
     out = tmp_path / "out"
-    assert _run(["--model_name_or_path", base_dir, "--train_file", str(train), "--validation_file", str(validation),
+    arguments = ["--model_name_or_path", base_dir, "--train_file", str(train), "--validation_file", str(validation),
                  "--output_dir", str(out), "--num_train_epochs", "3", "--learning_rate", "2e-3",
                  "--per_device_train_batch_size", "8", "--class_weights", "balanced", "--logging_steps", "5",
-                 "--classifier_pooling", "mean"]) == 0
+                 "--classifier_pooling", "mean"]
+    assert _run(arguments) == 0
 
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.classifier_pooling == "mean"
@@ -248,6 +252,11 @@ def test_classify_full_end_to_end(base_dir, tmp_path):
     assert summary["method"] == "full" and summary["class_weights"] == "balanced"
     assert summary["parameters"]["trainable"] == summary["parameters"]["total"]
     assert summary["memory"]["peak_rss_bytes"] > 0
+    # the same command again: refused as an earlier run of the same model, not as "a different model"
+    capsys.readouterr()
+    assert _run(arguments) == 1
+    err = capsys.readouterr().err
+    assert "already holds a trained model from an earlier run" in err and "different model" not in err, err
     # the training file is recorded (name, size, hash: no path), so that evaluating on it is caught
     assert summary["training_data_files"] == [files.fingerprint(train)]
     assert hfgpt_main(["eval", "classification", "--model_name_or_path", str(out), "--file", str(train)]) == 1

@@ -98,7 +98,7 @@ def load_labelled_datasets(
         dataset_name=dataset_name,
         dataset_config_name=dataset_config_name,
         validation_split_percentage=validation_split_percentage,
-        required_columns=(text_column, label_column),
+        required_columns={text_column: "--text_column", label_column: "--label_column"},
         cache_dir=cache_dir,
         token=token,
     )

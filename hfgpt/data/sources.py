@@ -115,7 +115,7 @@ def load_raw_datasets(
     dataset_config_name: str | None = None,
     validation_split_percentage: float = 5.0,
     streaming: bool = False,
-    required_columns: Sequence[str] = (),
+    required_columns: Sequence[str] | dict[str, str] = (),
     sample_by: str = "paragraph",
     cache_dir: str | None = None,
     token: str | bool | None = None,
@@ -132,7 +132,8 @@ def load_raw_datasets(
         dataset_config_name: the Hub dataset's configuration (`"wikitext-2-raw-v1"`).
         validation_split_percentage: 0 keeps every row for training (no validation split).
         streaming: read rows lazily (corpora larger than memory): returns an `IterableDatasetDict`.
-        required_columns: columns every split must have (e.g. the text column); the error names those that exist.
+        required_columns: columns every split must have (e.g. the text column), or {column: the flag that names it};
+            the error names the columns that exist and the flag to pick another.
         sample_by: for .txt files, what one row is: a "line", a "paragraph" (text between blank lines) or the whole
             "document" (file). Each row is one document to the packer (EOS between documents).
     """
@@ -256,13 +257,19 @@ def column_names(split: Dataset | IterableDataset) -> list[str]:
     return list(first) if first is not None else []
 
 
-def check_columns(split: Dataset | IterableDataset, required: Sequence[str], split_name: str = "train") -> None:
+def check_columns(split: Dataset | IterableDataset, required: Sequence[str] | dict[str, str],
+                  split_name: str = "train") -> None:
+    """Every `required` column must exist; the error lists those that do and the flag that picks each missing one
+    (`required` may map a column to its flag, e.g. {"label": "--label_column"}; default: --text_column)."""
+    flags = required if isinstance(required, dict) else dict.fromkeys(required, "--text_column")
     names = column_names(split)
-    missing = [column for column in required if column not in names]
+    missing = [column for column in flags if column not in names]
     if missing:
+        choose = " and ".join(dict.fromkeys(flags[column] for column in missing))
         raise DataError(
             f"The {split_name} data has no column {', '.join(map(repr, missing))}; its columns are "
-            f"{', '.join(map(repr, names)) or '(none)'}. Choose one with --text_column (or the task's *_column argument)."
+            f"{', '.join(map(repr, names)) or '(none)'}. Choose {'one' if len(missing) == 1 else 'them'} with "
+            f"{choose}."
         )
 
 

@@ -379,6 +379,9 @@ def prepare_classification(args: ClassificationArguments, training_args: Classif
     target_config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code,
                                                **{k: v for k, v in model_kwargs.items() if k != "trust_remote_code"})
     target_config.architectures = ["HFGPTForSequenceClassification"]
+    for name in ("bos_token_id", "eos_token_id"):  # Trainer copies the tokenizer's into the config (what was saved)
+        if getattr(tokenizer, name, None) is not None:
+            setattr(target_config, name, getattr(tokenizer, name))
     if training_args.process_index == 0:
         check_output_dir(output_dir, target_config, resume_checkpoint, args.overwrite_output_dir)
 

@@ -327,12 +327,18 @@ _CONFIG_KEYS_NOT_COMPARED = {
 }
 
 
+# Config keys a model fills in when it first trains (a classifier's problem_type, from the labels' dtype): a new run's
+# config without them is the same model.
+_CONFIG_KEYS_SET_BY_TRAINING = {"problem_type"}
+
+
 def config_differences(saved: dict, config: PreTrainedConfig) -> dict[str, tuple]:
     """{key: (saved value, new value)} for the keys that make `saved` (a config.json) a different model."""
     new = json.loads(config.to_json_string(use_diff=False))
     keys = (saved.keys() | new.keys()) - _CONFIG_KEYS_NOT_COMPARED
     return {key: (saved.get(key), new.get(key)) for key in sorted(keys)
-            if key in saved and key in new and saved[key] != new[key]}
+            if key in saved and key in new and saved[key] != new[key]
+            and not (key in _CONFIG_KEYS_SET_BY_TRAINING and new[key] is None)}
 
 
 def check_output_dir(output_dir: str | os.PathLike, config: PreTrainedConfig, resume_checkpoint: str | None,
