@@ -338,21 +338,25 @@ def test_clear_errors(tmp_path, corpus_file, tokenizer_dir, capsys, extra, messa
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ("hiden_size=8", "unknown config field(s) hiden_size"),
-    ("norm_type=batchnorm", "norm_type='batchnorm' is not supported"),
+@pytest.mark.parametrize("extra, message", [
+    (["--config_overrides", "hiden_size=8"], "unknown config field(s) hiden_size"),
+    (["--config_overrides", "norm_type=batchnorm"], "norm_type='batchnorm' is not supported"),
+    (["--block_size", "256"], "block_size=256 is larger than the model's max_position_embeddings=128"),
+    (["--output_dir", "{occupied}"], "already holds a trained model from an earlier run"),
 ])
-def test_config_overrides_are_checked_before_any_data_or_tokenizer_work(tmp_path, corpus_file, capsys, monkeypatch,
-                                                                        overrides, message):
+def test_bad_arguments_are_checked_before_any_data_or_tokenizer_work(tmp_path, corpus_file, capsys, monkeypatch,
+                                                                     extra, message):
     import hfgpt.training.pretrain as pretrain
 
     def too_late(*args, **kwargs):
-        raise AssertionError("data were read (and a tokenizer would be trained) before the config was checked")
+        raise AssertionError("data were read (and a tokenizer would be trained) before the arguments were checked")
 
+    occupied = tmp_path / "occupied"
+    HFGPTForCausalLM(HFGPTConfig.from_preset("tiny")).save_pretrained(occupied)
     monkeypatch.setattr(pretrain, "load_training_rows", too_late)
     monkeypatch.setattr(pretrain, "load_or_train_tokenizer", too_late)
     args = ["--output_dir", str(tmp_path / "out"), "--train_file", corpus_file, "--vocab_size", "300",
-            "--preset", "tiny", "--config_overrides", overrides, "--report_to", "none"]
+            "--preset", "tiny", "--report_to", "none", *(arg.format(occupied=occupied) for arg in extra)]
     assert main(args) == 1
     assert message in capsys.readouterr().err
     # the older spelling of the RoPE base is still an override

@@ -341,14 +341,22 @@ def config_differences(saved: dict, config: PreTrainedConfig) -> dict[str, tuple
             and not (key in _CONFIG_KEYS_SET_BY_TRAINING and new[key] is None)}
 
 
+# What a tokenizer decides: unknown before it is loaded or trained, so `check_output_dir(..., before_tokenizer=True)`
+# leaves them out of the comparison
+_TOKENIZER_CONFIG_KEYS = {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"}
+
+
 def check_output_dir(output_dir: str | os.PathLike, config: PreTrainedConfig, resume_checkpoint: str | None,
-                     overwrite_output_dir: bool = False) -> None:
+                     overwrite_output_dir: bool = False, before_tokenizer: bool = False) -> None:
     """Refuse to write a run into a directory that holds something else.
 
     - A model whose config differs from `config` (in the directory or the checkpoint being resumed): error naming the
       differences, unless `overwrite_output_dir`.
     - A finished model or checkpoints of an earlier run, when not resuming: error unless `overwrite_output_dir`
       (then the old checkpoints are deleted, so they cannot be mistaken for this run's).
+
+    `before_tokenizer=True`: the cheap check scripts make before any data work, with the config as far as it is known
+    (the tokenizer's sizes and ids left out of the comparison); it deletes nothing. Call it again with the full config.
     """
     output_dir = Path(output_dir)
     sources = [Path(resume_checkpoint)] if resume_checkpoint else []
@@ -358,6 +366,8 @@ def check_output_dir(output_dir: str | os.PathLike, config: PreTrainedConfig, re
         if saved is None:
             continue
         differences = config_differences(saved, config)
+        if before_tokenizer:
+            differences = {key: value for key, value in differences.items() if key not in _TOKENIZER_CONFIG_KEYS}
         if differences and not overwrite_output_dir:
             listed = ", ".join(f"{key}: {old!r} there, {new!r} now" for key, (old, new) in list(differences.items())[:8])
             raise ValueError(
@@ -376,7 +386,7 @@ def check_output_dir(output_dir: str | os.PathLike, config: PreTrainedConfig, re
             f"{output_dir} already holds {what} from an earlier run. Pass --resume_from_checkpoint true to continue "
             "that run, --overwrite_output_dir to start again in it, or choose another --output_dir."
         )
-    if overwrite_output_dir:
+    if overwrite_output_dir and not before_tokenizer:
         for path in earlier:
             shutil.rmtree(path, ignore_errors=True)
         # the old model's scores must not be shown as the new model's

@@ -329,7 +329,11 @@ def prepare_pretraining(args: PretrainArguments, training_args: PretrainingArgum
     if args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming data has no length, so the run needs --max_steps.")
     overrides = parse_config_overrides(args.config_overrides)
-    build_config(args.preset, overrides, tokenizer=None)  # a misspelt override fails now, not after a tokenizer
+    # everything that needs no data fails now, not after the corpus is read and a tokenizer trained
+    early_config = build_config(args.preset, overrides, tokenizer=None)
+    check_block_size(args.block_size or early_config.max_position_embeddings, early_config.max_position_embeddings)
+    if training_args.process_index == 0:
+        check_output_dir(output_dir, early_config, resume_checkpoint, args.overwrite_output_dir, before_tokenizer=True)
 
     raw, data_description = load_training_rows(args)
     with training_args.main_process_first(desc="tokenizer", local=False):
