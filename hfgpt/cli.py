@@ -19,9 +19,19 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def _version() -> str:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return f"hfgpt {__version__} (torch {torch.__version__}, transformers {transformers.__version__})"
+
+
 def _usage() -> str:
     width = max(map(len, COMMANDS), default=0)
-    lines = ["usage: hfgpt <command> [arguments]   (hfgpt <command> --help for its arguments)", "", "commands:"]
+    lines = ["usage: hfgpt <command> [arguments]   (hfgpt <command> --help for its arguments; hfgpt --version)", "",
+             "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -30,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(_version())
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

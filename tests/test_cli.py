@@ -59,3 +59,15 @@ def test_other_bitsandbytes_warnings_still_show(caplog):
         logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: offline")
         logger.warning("something else went wrong")
     assert [record.getMessage() for record in caplog.records] == ["something else went wrong"]
+
+
+def test_version(capsys):
+    import torch
+    import transformers
+
+    import hfgpt
+    from hfgpt.cli import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == (f"hfgpt {hfgpt.__version__} (torch {torch.__version__}, "
+                                               f"transformers {transformers.__version__})")
