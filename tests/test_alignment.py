@@ -393,3 +393,22 @@ def test_command_line_help_and_bad_input(tmp_path, base_dir, capsys):
     message = f"hfgpt dpo: error: row 3 of {tmp_path / 'preferences.jsonl'} has no 'rejected' field"
     assert message in capsys.readouterr().err
     assert not (tmp_path / "dpo" / "config.json").exists()
+
+
+def test_held_out_answers_are_proportionate_to_the_run_and_announced(tmp_path, base_dir, capsys):
+    """The commands answer one held-out prompt per 10 training examples by default (at least 8), say how many, and
+    --help names the flag; the Python API answers all unless told otherwise."""
+    from hfgpt.training.alignment import eval_prompts_for_run
+
+    assert [eval_prompts_for_run(n) for n in (0, 40, 2700)] == [8, 8, 270]
+    out = tmp_path / "sft"
+    assert sft_main(["--model_name_or_path", str(base_dir), "--output_dir", str(out), "--max_steps", "1",
+                     "--per_device_train_batch_size", "4", "--report_to", "none", "--save_strategy", "no",
+                     "--gradient_checkpointing", "false", "--disable_tqdm", "true", "--max_new_tokens", "2",
+                     "--validation_split_percentage", "50",
+                     "--train_file", write_jsonl(tmp_path / "instructions.jsonl", instruction_rows(24))]) == 0
+    assert len((out / files.GENERATIONS).read_text().splitlines()) == 8  # of 12 held out, after 4 examples
+    assert "Answering 8 of 12 held-out prompts" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        sft_main(["--help"])
+    assert "--max_eval_prompts N sets the number" in " ".join(capsys.readouterr().out.split())

@@ -59,6 +59,8 @@ from .speed import SpeedArguments, SpeedMixin, uncompile
 logger = logging.getLogger(__name__)
 
 ModelLike = Any  # a path, a Hub id, or a transformers / PEFT model
+TRAINING_EXAMPLES_PER_EVAL_PROMPT = 10
+MIN_EVAL_PROMPTS = 8
 SFT_TASK = "instruction tuning (SFT)"
 DPO_TASK = "preference tuning (DPO)"
 
@@ -149,7 +151,10 @@ class AlignmentArguments:
                           ".jsonl/.csv/.tsv). Default: the held-out rows."},
     )
     max_eval_prompts: int | None = field(
-        default=None, metadata={"help": "Answer at most this many held-out prompts (default: all; 0: none)."}
+        default=None, metadata={"help": "Answer at most this many held-out prompts after training (0: none). "
+                                        f"Default: one per {TRAINING_EXAMPLES_PER_EVAL_PROMPT} training examples the "
+                                        f"run saw, at least {MIN_EVAL_PROMPTS}, so a short run is not dwarfed by its "
+                                        "evaluation."}
     )
     max_new_tokens: int = field(default=128, metadata={"help": "Longest generated answer, in tokens."})
     generation_batch_size: int = field(default=8, metadata={"help": "Prompts per generate() call."})
@@ -629,11 +634,20 @@ def build_dpo_trainer(model: ModelLike, train_dataset, args: trl.DPOConfig, toke
 
 @dataclass
 class GenerationSettings:
-    """How the held-out prompts are answered after training."""
+    """How the held-out prompts are answered after training. `max_eval_prompts=None`: all of them, or with
+    `scale_to_run` (the commands' default) as many as `eval_prompts_for_run` allows."""
 
     max_eval_prompts: int | None = None
     max_new_tokens: int = 128
     batch_size: int = 8
+    scale_to_run: bool = False
+
+
+def eval_prompts_for_run(training_examples: int) -> int:
+    """How many held-out prompts the commands answer by default: answering one (greedy decoding, a forward per
+    token) costs about what training on several examples does, so one per TRAINING_EXAMPLES_PER_EVAL_PROMPT examples
+    keeps the evaluation a fraction of the run, with MIN_EVAL_PROMPTS for a ROUGE worth reading."""
+    return max(MIN_EVAL_PROMPTS, training_examples // TRAINING_EXAMPLES_PER_EVAL_PROMPT)
 
 
 def train_and_finish(task: str, run: PreparedRun, eval_prompts=None, generation: GenerationSettings | None = None,
@@ -666,7 +680,18 @@ def train_and_finish(task: str, run: PreparedRun, eval_prompts=None, generation:
 
     generations = []
     source = _source_name(data_source, "eval_prompts", "the held-out prompts")
-    prompts, references = held_out_prompts(eval_prompts or [], source, generation.max_eval_prompts)
+    limit = generation.max_eval_prompts
+    if limit is None and generation.scale_to_run:
+        seen = trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps \
+            * args.world_size
+        limit = eval_prompts_for_run(seen)
+    prompts, references = held_out_prompts(eval_prompts or [], source, limit)
+    if prompts and args.should_save:
+        available = len(eval_prompts or [])
+        print(f"Answering {len(prompts)} of {available} held-out prompts ({source}) with up to "
+              f"{generation.max_new_tokens} new tokens each" + (
+                  f"; by default one per {TRAINING_EXAMPLES_PER_EVAL_PROMPT} training examples, --max_eval_prompts "
+                  "sets the number" if limit is not None and generation.max_eval_prompts is None else "") + ".")
     if prompts:
         generations, rouge = generate_and_score(trainer.model, run.tokenizer, prompts, references,
                                                 generation.max_new_tokens, generation.batch_size, source,
@@ -754,7 +779,10 @@ def _parse(config_class, arguments_class, argv, prog):
 
     from .peft import PeftArguments
 
-    parser = HfArgumentParser((arguments_class, PeftArguments, config_class), prog=prog)
+    parser = HfArgumentParser((arguments_class, PeftArguments, config_class), prog=prog, description=(
+        f"{prog}: train, then answer held-out prompts greedily and score them with ROUGE (generations.jsonl). "
+        f"The answers cost time: by default one prompt per {TRAINING_EXAMPLES_PER_EVAL_PROMPT} training examples "
+        f"the run saw (at least {MIN_EVAL_PROMPTS}, at most all); --max_eval_prompts N sets the number, 0 skips them."))
     script_args, peft_args, args = parser.parse_args_into_dataclasses(args=argv)
     if not script_args.model_name_or_path:
         parser.error("--model_name_or_path is required (a model directory or a Hub id)")
@@ -782,7 +810,7 @@ def _script_inputs(script_args: AlignmentArguments):
     if eval_prompts is None and held_out is not None:
         data_source["eval_prompts"] = data_source["validation"]
     generation = GenerationSettings(script_args.max_eval_prompts, script_args.max_new_tokens,
-                                    script_args.generation_batch_size)
+                                    script_args.generation_batch_size, scale_to_run=True)
     return raw["train"], held_out, eval_prompts, data_source, generation
 
 
