@@ -412,3 +412,14 @@ def test_held_out_answers_are_proportionate_to_the_run_and_announced(tmp_path, b
     with pytest.raises(SystemExit):
         sft_main(["--help"])
     assert "--max_eval_prompts N sets the number" in " ".join(capsys.readouterr().out.split())
+
+
+def test_no_pinned_memory_without_a_gpu(tmp_path):
+    """torch warns at every dataloader that pinned memory is useless without an accelerator: hfgpt's training
+    arguments pin only where there is a GPU."""
+    from hfgpt.training.alignment import HFGPTDPOConfig, HFGPTSFTConfig
+    from hfgpt.training.classification import ClassificationTrainingArguments
+    from hfgpt.training.pretrain import PretrainingArguments
+
+    for arguments in (HFGPTSFTConfig, HFGPTDPOConfig, ClassificationTrainingArguments, PretrainingArguments):
+        assert arguments(output_dir=str(tmp_path)).dataloader_pin_memory is torch.cuda.is_available(), arguments

@@ -169,6 +169,22 @@ def test_perplexity_sliding_window_matches_hand_computed_strided_nll(gpt2, token
     assert result["perplexity"] != pytest.approx(full, rel=1e-6)
 
 
+def test_perplexity_of_a_text_longer_than_the_context_warns_nothing(gpt2, tokenizer, monkeypatch):
+    """The sliding window is how a long text is scored: transformers' "sequence length is longer than the specified
+    maximum" warning, printed while tokenizing it, says nothing the user can act on."""
+    import copy
+
+    import transformers.tokenization_utils_base as base
+
+    warned = []
+    monkeypatch.setattr(base.logger, "warning", lambda message, *args, **kwargs: warned.append(message))
+    short = copy.deepcopy(tokenizer)
+    short.model_max_length = 16
+    text = " ".join(CORPUS[:4])
+    compute_perplexity([text], gpt2, short, max_length=16, stride=8, progress=False)
+    assert not [message for message in warned if "longer than the specified maximum" in str(message)]
+
+
 def test_perplexity_on_hfgpt_model(tiny_model, tokenizer):
     expected, corpus, _ = hand_perplexities(tiny_model, tokenizer, TEXTS)
     result = compute_perplexity(TEXTS, tiny_model, tokenizer, batch_size=2, progress=False)

@@ -150,7 +150,7 @@ def compute_perplexity(
         )
 
     sequences = []
-    for index, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
+    for index, ids in enumerate(tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]):
         ids = ([tokenizer.bos_token_id] if add_start_token else []) + list(ids)
         if len(ids) < 2:
             raise ValueError(

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import trl
 
 from .. import files
@@ -76,6 +77,9 @@ class HFGPTSFTConfig(SpeedArguments, trl.SFTConfig):
         metadata={"help": "Compute the loss on the assistant's tokens only (the chat template's {%% generation %%} "
                           "blocks). hfgpt's default: True."},
     )
+    # pinned memory only speeds up copies to a GPU; on a CPU, torch warns about it at every dataloader
+    dataloader_pin_memory: bool = field(
+        default=torch.cuda.is_available(), metadata={"help": "Pin batches in memory (helps only with a GPU)."})
 
 
 # the DPO losses whose formula reads label_smoothing in TRL; the others (sigmoid among them) ignore it
@@ -86,6 +90,9 @@ LABEL_SMOOTHING_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
 class HFGPTDPOConfig(SpeedArguments, trl.DPOConfig):
     """TRL's `DPOConfig` with bf16 only where the hardware computes it natively, and no silently ignored label
     smoothing."""
+
+    dataloader_pin_memory: bool = field(
+        default=torch.cuda.is_available(), metadata={"help": "Pin batches in memory (helps only with a GPU)."})
 
     def __post_init__(self):
         super().__post_init__()

@@ -159,6 +159,9 @@ class ClassificationTrainingArguments(SpeedArguments, TrainingArguments):
                           "'random', 'sequential', 'batch_rebalance'.",
                   "choices": ["random", "sequential", "group_by_length", "batch_rebalance"]})
     report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "Loggers: tensorboard, none..."})
+    # pinned memory only speeds up copies to a GPU; on a CPU, torch warns about it at every dataloader
+    dataloader_pin_memory: bool = field(
+        default=torch.cuda.is_available(), metadata={"help": "Pin batches in memory (helps only with a GPU)."})
 
 
 # --- what to train ----------------------------------------------------------------------------------------------------
