@@ -152,8 +152,8 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, device: str | torch.
 
 def matmul_peak(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", refresh: bool = False) -> float:
     """`measure_matmul_peak`, measured once per device, dtype, thread count and torch version, then read from
-    ~/.cache/hfgpt/matmul_peak.json (or $HFGPT_CACHE). `refresh=True` measures again (e.g. if the first measurement
-    ran on a busy machine)."""
+    ~/.cache/hfgpt/matmul_peak.json (or $HFGPT_CACHE). `refresh=True` measures again and keeps the higher of the two
+    (a peak is a maximum: a measurement on a busy machine only comes out lower)."""
     device = torch.device(device)
     key = _peak_key(device, dtype)
     path = _cache_file()
@@ -164,6 +164,8 @@ def matmul_peak(dtype: torch.dtype = torch.float32, device: str | torch.device =
     if not refresh and isinstance(cached.get(key), (int, float)):
         return float(cached[key])
     peak = measure_matmul_peak(dtype, device)
+    if isinstance(cached.get(key), (int, float)):
+        peak = max(peak, float(cached[key]))
     cached[key] = peak
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

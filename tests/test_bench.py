@@ -167,3 +167,12 @@ def test_model_speed_bench_prints_ratios():
     # the compiled decoding path gives generate()'s tokens, and GPT-2's (the same weights)
     assert out.count("tokens identical to hfgpt's generate(): True, to GPT-2's generate(): True") == 2
     assert "MFU fp32 peak" in out and "matmul peak measured now" in out
+
+
+def test_main_job_bench_compares_fp32_with_the_defaults():
+    out = run_bench("main_job.py", "--extra", "--default_corpus_max_chars", "60000", "--max_steps", "3",
+                    "--num_samples", "0", "--vocab_size", "300")
+    rows = {line.split("  ")[0].strip(): line.split() for line in out.splitlines()
+            if line.startswith(("fp32 eager (before)", "hfgpt defaults")) and "{" not in line}
+    assert set(rows) == {"fp32 eager (before)", "hfgpt defaults"}, out
+    assert "training time" in out and "of fp32 eager's" in out

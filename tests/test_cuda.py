@@ -190,3 +190,24 @@ def test_pretraining_in_bf16_with_trainer_on_cuda(tmp_path, tiny_corpus, tiny_to
     assert losses[-1] < 0.7 * losses[0], losses
     reloaded = HFGPTForCausalLM.from_pretrained(output_dir)
     assert reloaded.dtype == torch.float32  # mixed precision keeps float32 master weights, saved as such
+
+
+def test_speed_defaults_on_cuda(tmp_path):
+    """hfgpt's defaults on a GPU: bf16 from compute capability 8.0, sdpa kept for compiled training (its flash
+    kernels win there), compiled decoding on by default with generate()'s tokens, and a measured bf16 peak."""
+    from hfgpt import flops
+    from hfgpt.generation import compiled_by_default, generate
+    from hfgpt.training.pretrain import PretrainingArguments
+    from hfgpt.training.speed import attention_for_compiled_training
+
+    args = PretrainingArguments(output_dir=str(tmp_path), report_to="none")
+    assert args.bf16 == (torch.cuda.get_device_capability()[0] >= 8)
+    model = _model("tiny")
+    assert attention_for_compiled_training(model, CUDA) is None and model.config._attn_implementation == "sdpa"
+    assert compiled_by_default(model)
+    input_ids, attention_mask = _padded_batch(rows=2, length=10)
+    settings = dict(attention_mask=attention_mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                    pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(generate(model, input_ids, **settings), model.generate(input_ids, **settings))
+    assert flops.measure_matmul_peak(torch.bfloat16, CUDA, size=2048, seconds=0.1) > 1e12
