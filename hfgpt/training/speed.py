@@ -130,7 +130,9 @@ class SpeedArguments:
     torch_compile: bool | None = field(
         default=None,
         metadata={"help": "Compile the model with torch.compile (inductor); falls back to eager with a warning if "
-                          "compiling fails. Default: on for fixed-shape batches (pretraining), off otherwise."})
+                          "compiling fails. Default: for pretraining (fixed-shape blocks), on when the run's eager "
+                          "length, estimated from its FLOPs, exceeds about 2 minutes, which compiling repays; off for "
+                          "classify, sft and dpo (batches of every length would recompile)."})
 
     def __post_init__(self):
         resolve_speed_settings(self, self.compile_by_default, self.why_not_compiled)
