@@ -113,6 +113,17 @@ class HFGPTConfig(PreTrainedConfig):
         classifier_pooling: what the sequence-classification head reads: "last", the hidden state of the last real
             token (which has attended to the whole text; GPT-2's and transformers' convention), or "mean", the
             average over the real tokens.
+        num_experts: 0 or 1 for the dense model (the default); 2 or more makes the MLP of the mixture-of-experts
+            layers a sparse mixture (Switch Transformer, Mixtral): a router picks `num_experts_per_tok` of
+            `num_experts` copies of the block's MLP for every token (so `hidden_act`, SwiGLU included, applies to every
+            expert) and adds their outputs weighted by the router's softmax, renormalised over the chosen ones.
+        num_experts_per_tok: how many experts each token is sent to (top-k routing), 1..num_experts.
+        moe_every_n_layers: which blocks are mixtures: block i (from 0) when (i + 1) % n == 0, as Qwen2-MoE's
+            decoder_sparse_step: 1 (every block, the default), 2 (every other block, as Switch Transformer), ...
+        router_aux_loss_coef: weight of the load-balancing loss (Switch Transformer's, normalised so that a perfectly
+            balanced router scores 1.0) added to the causal LM loss in training. 0 switches it off.
+        output_router_logits: return every mixture layer's router logits (and the balance loss, `aux_loss`) in eval
+            too; in training they are always collected for the balance loss.
     """
 
     model_type = "hfgpt"
@@ -153,6 +164,11 @@ class HFGPTConfig(PreTrainedConfig):
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
+        num_experts: int = 0,
+        num_experts_per_tok: int = 2,
+        moe_every_n_layers: int = 1,
+        router_aux_loss_coef: float = 0.01,
+        output_router_logits: bool = False,
         **kwargs,
     ):
         # GPT-2 spellings passed as keywords win over the defaults above.
@@ -195,6 +211,11 @@ class HFGPTConfig(PreTrainedConfig):
         if intermediate_size is None:
             intermediate_size = self.default_intermediate_size(hidden_size, hidden_act)
         self.intermediate_size = intermediate_size
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.moe_every_n_layers = moe_every_n_layers
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self.output_router_logits = output_router_logits
         # every head, also in configs saved before a head existed (theirs keep what they name)
         kwargs["auto_map"] = {**AUTO_MAP, **(kwargs.get("auto_map") or {})}
         super().__init__(**kwargs)
@@ -205,6 +226,15 @@ class HFGPTConfig(PreTrainedConfig):
         if hidden_act == "swiglu":  # three matrices instead of two: 2/3 of the width keeps the parameter count
             return 64 * -(-8 * hidden_size // 3 // 64)
         return 4 * hidden_size
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether some blocks are mixtures of experts (num_experts >= 2)."""
+        return self.num_experts > 1
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether block `layer_idx` (from 0) has a mixture of experts for its MLP."""
+        return self.is_moe and (layer_idx + 1) % self.moe_every_n_layers == 0
 
     @property
     def head_dim(self) -> int:
@@ -273,6 +303,38 @@ class HFGPTConfig(PreTrainedConfig):
             raise ValueError(f"initializer_range={self.initializer_range} must be positive.")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps={self.norm_eps} must be positive.")
+        self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        def integer(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not integer(self.num_experts) or self.num_experts < 0:
+            raise ValueError(
+                f"num_experts={self.num_experts!r} must be an integer >= 0: 0 or 1 for the dense model, 2 or more "
+                "for a mixture of experts."
+            )
+        coef = self.router_aux_loss_coef
+        if not isinstance(coef, (int, float)) or isinstance(coef, bool) or not 0 <= coef < float("inf"):
+            raise ValueError(f"router_aux_loss_coef={coef!r} must be a number >= 0 (0 switches the balance loss off).")
+        if not isinstance(self.output_router_logits, bool):
+            raise ValueError(f"output_router_logits={self.output_router_logits!r} must be True or False.")
+        if not integer(self.num_experts_per_tok) or self.num_experts_per_tok < 1:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok!r} must be an integer >= 1.")
+        if not integer(self.moe_every_n_layers) or self.moe_every_n_layers < 1:
+            raise ValueError(f"moe_every_n_layers={self.moe_every_n_layers!r} must be an integer >= 1.")
+        if not self.is_moe:
+            return  # the dense model: the other MoE settings are not used
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts={self.num_experts}: a token "
+                "cannot be sent to more experts than there are."
+            )
+        if self.moe_every_n_layers > self.num_hidden_layers:
+            raise ValueError(
+                f"moe_every_n_layers={self.moe_every_n_layers} must be in 1..num_hidden_layers="
+                f"{self.num_hidden_layers}, or no block would be a mixture of experts."
+            )
 
     def _validate_rope_parameters(self) -> None:
         rope = self.rope_parameters

@@ -27,13 +27,15 @@ from transformers.modeling_layers import (
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
-from transformers.utils.output_capturing import capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_hfgpt import HFGPTConfig
 
@@ -245,6 +247,84 @@ class HFGPTMLP(nn.Module):
         return self.down_proj(self.act(self.up_proj(x)))
 
 
+class HFGPTSparseMoeBlock(nn.Module):
+    """A sparse mixture of experts in place of the MLP (Switch Transformer; Mixtral's routing): a linear router scores
+    `num_experts` experts for every token, the top `num_experts_per_tok` are kept, their softmax probabilities
+    renormalised to sum to 1, and the token's output is the weighted sum of those experts' outputs. Each expert is the
+    block's usual MLP (HFGPTMLP), so `hidden_act` (SwiGLU included) applies to all of them.
+
+    Dispatch loops over the experts, never over tokens: each expert runs once on the rows routed to it (gathered by
+    index) and adds its weighted output back with index_add_, as transformers' MoE models do. Under torch.compile the
+    gather is replaced by running every expert on every token with weight 0 where it was not chosen: the same result,
+    with the static shapes a single graph needs. Returns (output, router_logits); the router logits
+    (batch * seq, num_experts) feed the load-balancing loss and `output_router_logits`.
+    """
+
+    def __init__(self, config: HFGPTConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
+        self.experts = nn.ModuleList(HFGPTMLP(config) for _ in range(config.num_experts))
+
+    def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, num_experts) logits -> the chosen experts' weights (renormalised softmax) and indices, (tokens, k)."""
+        probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+        weights, indices = torch.topk(probs, self.top_k, dim=-1)
+        return weights / weights.sum(dim=-1, keepdim=True), indices
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        router_logits = self.gate(x)
+        weights, indices = self.route(router_logits)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        if torch.compiler.is_compiling():
+            # static shapes: every expert on every token; dense_weights[t, e] is 0 unless expert e was chosen for t
+            dense_weights = torch.zeros_like(router_logits, dtype=x.dtype).scatter(1, indices, weights)
+            for e, expert in enumerate(self.experts):
+                out = out + expert(x) * dense_weights[:, e, None]
+            return out.reshape(shape), router_logits
+        with torch.no_grad():
+            chosen = F.one_hot(indices, self.num_experts).permute(2, 0, 1)  # (experts, tokens, k)
+        for e, expert in enumerate(self.experts):
+            token_idx, slot = torch.where(chosen[e])
+            if token_idx.numel() == 0:
+                continue
+            expert_out = expert(x[token_idx]) * weights[token_idx, slot, None]
+            out = out.index_add(0, token_idx, expert_out)
+        return out.reshape(shape), router_logits
+
+
+def load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...],
+    num_experts: int,
+    top_k: int,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Switch Transformer's load-balancing loss (its eq. 4-6, Mixtral's `load_balancing_loss_func`), averaged over the
+    mixture layers: num_experts * sum_e f_e * P_e, where f_e is the fraction of the top-k assignments that went to
+    expert e and P_e the mean router probability of e. A perfectly balanced router scores 1.0 whatever top_k
+    (Mixtral's form counts assignments per token instead of per assignment and scores top_k). Padding tokens
+    (attention_mask 0) are left out of both averages. `router_logits`: one (batch * seq, num_experts) tensor a layer.
+    """
+    logits = torch.stack([layer.float() for layer in router_logits])  # (layers, tokens, experts)
+    probs = F.softmax(logits, dim=-1)
+    _, chosen = torch.topk(probs, top_k, dim=-1)
+    assigned = F.one_hot(chosen, num_experts).sum(-2).to(probs.dtype)  # (layers, tokens, experts): 0/1 a token
+    if attention_mask is None:
+        keep = torch.ones(logits.shape[1], device=logits.device)
+    else:
+        # during cached decoding the mask covers the past too: the router saw only the last positions
+        seq = logits.shape[1] // attention_mask.shape[0]
+        keep = attention_mask[:, -seq:].reshape(-1).to(device=logits.device, dtype=probs.dtype)
+    real = keep.sum().clamp(min=1)
+    fraction = (assigned * keep[:, None]).sum(1) / (real * top_k)  # (layers, experts), sums to 1 a layer
+    mean_prob = (probs * keep[:, None]).sum(1) / real
+    return num_experts * (fraction * mean_prob).sum(-1).mean()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Block
 
@@ -262,7 +342,8 @@ class HFGPTBlock(GradientCheckpointingLayer):
         self.ln_1 = make_norm(config)
         self.attn = HFGPTAttention(config, layer_idx)
         self.ln_2 = make_norm(config)
-        self.mlp = HFGPTMLP(config)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.mlp = HFGPTSparseMoeBlock(config) if self.is_moe else HFGPTMLP(config)
         self.dropout = nn.Dropout(config.residual_dropout)
 
     def forward(
@@ -277,12 +358,15 @@ class HFGPTBlock(GradientCheckpointingLayer):
         if self.pre_norm:
             attn_out, _ = self.attn(self.ln_1(x), attention_mask, position_embeddings, cache, **kwargs)
             x = x + self.dropout(attn_out)
-            x = x + self.dropout(self.mlp(self.ln_2(x)))
+            mlp_out = self.mlp(self.ln_2(x))
         else:
             attn_out, _ = self.attn(x, attention_mask, position_embeddings, cache, **kwargs)
             x = self.ln_1(x + self.dropout(attn_out))
-            x = self.ln_2(x + self.dropout(self.mlp(x)))
-        return x
+            mlp_out = self.mlp(x)
+        if self.is_moe:  # (output, router_logits); the logits are recorded by a hook when wanted (_can_record_outputs)
+            mlp_out = mlp_out[0]
+        x = x + self.dropout(mlp_out)
+        return x if self.pre_norm else self.ln_2(x)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -305,7 +389,11 @@ class HFGPTPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
     # transformers' output capture: forward hooks record each block's output (hidden_states) and each attention's
     # weights when output_hidden_states / output_attentions ask for them, so the forward pass collects nothing itself
-    _can_record_outputs = {"hidden_states": HFGPTBlock, "attentions": HFGPTAttention}
+    _can_record_outputs = {
+        "hidden_states": HFGPTBlock,
+        "attentions": HFGPTAttention,
+        "router_logits": OutputRecorder(HFGPTSparseMoeBlock, index=1),
+    }
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)  # normal(0, initializer_range) for Linear/Embedding, ones/zeros for norms
@@ -421,6 +509,8 @@ class HFGPTModel(HFGPTPreTrainedModel):
                 **kwargs,
             )
         hidden_states = self.ln_f(hidden_states)
+        if self.config.is_moe:  # capture_outputs fills router_logits when output_router_logits asks for them
+            return MoeModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
 
@@ -457,13 +547,28 @@ class HFGPTForCausalLM(HFGPTPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        output_router_logits: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | MoeCausalLMOutputWithPast:
         r"""`labels` are the input ids themselves (shifted inside the loss), -100 where no loss is wanted.
         `num_items_in_batch` (passed by Trainer through **kwargs) makes the loss a per-token mean over the whole
-        accumulated batch. `logits_to_keep=k` computes logits for the last k positions only (generation needs 1)."""
+        accumulated batch. `logits_to_keep=k` computes logits for the last k positions only (generation needs 1).
+
+        A mixture-of-experts model (config.num_experts >= 2) returns a MoeCausalLMOutputWithPast. In training with
+        labels, or whenever `output_router_logits` (argument or config) is set, it also returns the router logits and
+        the load-balancing loss `aux_loss`, whose `router_aux_loss_coef` multiple is added to `loss` when labels are
+        given. Under gradient accumulation (num_items_in_batch) the balance loss is weighted by this micro-batch's
+        share of the label tokens, so the accumulated total is the batch's token-weighted mean balance loss, once."""
         if labels is not None and use_cache is None:
             use_cache = False  # computing a loss needs no cache
+        moe = self.config.is_moe
+        if moe:
+            if output_router_logits is None:
+                output_router_logits = self.config.output_router_logits
+            collect_router_logits = output_router_logits or (
+                labels is not None and self.training and self.config.router_aux_loss_coef > 0
+            )
+            kwargs["output_router_logits"] = collect_router_logits
         outputs: BaseModelOutputWithPast = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -473,6 +578,7 @@ class HFGPTForCausalLM(HFGPTPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             **kwargs,
         )
+        kwargs.pop("output_router_logits", None)
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
 
@@ -480,12 +586,39 @@ class HFGPTForCausalLM(HFGPTPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
-        return CausalLMOutputWithPast(
+        if not moe:
+            return CausalLMOutputWithPast(
+                loss=loss,
+                logits=logits,
+                cache=outputs.cache,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
+            )
+
+        aux_loss = None
+        if collect_router_logits:
+            aux_loss = load_balancing_loss(
+                outputs.router_logits, self.config.num_experts, self.config.num_experts_per_tok, attention_mask
+            )
+            if labels is not None:
+                aux = aux_loss.to(loss.device)
+                num_items_in_batch = kwargs.get("num_items_in_batch")
+                if num_items_in_batch is not None:
+                    # the LM loss of each micro-batch is a sum over its tokens / the accumulated batch's token count;
+                    # weighting the balance loss by the same share makes the accumulated sum one mean, not steps x it
+                    shift_labels = kwargs.get("shift_labels")
+                    targets = labels[..., 1:] if shift_labels is None else shift_labels
+                    tokens_here = (targets != -100).sum()
+                    aux = aux * tokens_here.to(aux.dtype) / torch.as_tensor(num_items_in_batch).to(aux)
+                loss = loss + self.config.router_aux_loss_coef * aux
+        return MoeCausalLMOutputWithPast(
             loss=loss,
+            aux_loss=aux_loss,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            router_logits=outputs.router_logits if output_router_logits else None,
         )
 
 
