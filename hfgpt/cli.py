@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "push": ("hfgpt.hub", "main", "upload a model directory (weights, code, tokenizer, card) to the Hugging Face Hub"),
     "convert": ("hfgpt.convert.cli", "main", "convert a checkpoint: --from gpt2 (GPT2LMHeadModel -> hfgpt) | --from hfgpt (-> GPT-2)"),
     "export": ("hfgpt.convert.export", "main", "export a model: --to llama (LlamaForCausalLM) | gpt2 (GPT2LMHeadModel) | gguf (llama.cpp)"),
+    "plan": ("hfgpt.plan", "main", "plan a compute-optimal pretraining run (Chinchilla): model size, tokens, wall time, command"),
     "chat": ("hfgpt.chat", "main", "chat with a model in the terminal (streaming, multi-turn), or answer one --prompt"),
 }
 
