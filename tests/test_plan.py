@@ -10,7 +10,7 @@ import pytest
 from hfgpt import plan
 from hfgpt.configuration_hfgpt import HFGPTConfig
 from hfgpt.flops import count_parameters, training_flops_per_token
-from hfgpt.training.pretrain import build_config, parse_config_overrides
+from hfgpt.training.pretrain import build_config, parse_args, parse_config_overrides
 
 # Hoffmann et al. (2022), Table 3: (FLOPs, parameters, tokens) of compute-optimal models.
 TABLE_3 = [
@@ -86,6 +86,9 @@ def test_hours_of_this_machine_plan_a_run_that_pretrain_accepts(fake_peak, capsy
     argv = shlex.split(result["command"])
     assert argv[:2] == ["hfgpt", "pretrain"]
     options = dict(zip(argv[2::2], argv[3::2]))
+    args, training_args = parse_args([*argv[2:], "--output_dir", "unused"])  # pretrain's own parser takes it as is
+    assert (args.preset, args.block_size, training_args.max_steps) == (
+        options["--preset"], int(options["--block_size"]), int(options["--max_steps"]))
     config = build_config(options["--preset"], parse_config_overrides(options["--config_overrides"]), tokenizer=None)
     counts = count_parameters(config)
     assert result["params"] == counts.total
