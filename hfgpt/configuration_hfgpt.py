@@ -134,6 +134,11 @@ class HFGPTConfig(PreTrainedConfig):
         "n_head": "num_attention_heads",
         "n_positions": "max_position_embeddings",
         "n_inner": "intermediate_size",
+        # the names transformers' MoE models (Mixtral, Qwen2-MoE) give the same settings; the MoE ones exist only on
+        # mixture-of-experts configs, as theirs (tools such as TRL take output_router_logits for the sign of one)
+        "num_local_experts": "num_experts",
+        "decoder_sparse_step": "moe_every_n_layers",
+        "moe_intermediate_size": "intermediate_size",
     }
 
     def __init__(
@@ -177,6 +182,9 @@ class HFGPTConfig(PreTrainedConfig):
         num_attention_heads = kwargs.pop("n_head", num_attention_heads)
         max_position_embeddings = kwargs.pop("n_positions", max_position_embeddings)
         intermediate_size = kwargs.pop("n_inner", intermediate_size)
+        num_experts = kwargs.pop("num_local_experts", num_experts)
+        moe_every_n_layers = kwargs.pop("decoder_sparse_step", moe_every_n_layers)
+        intermediate_size = kwargs.pop("moe_intermediate_size", intermediate_size)
 
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -212,10 +220,14 @@ class HFGPTConfig(PreTrainedConfig):
             intermediate_size = self.default_intermediate_size(hidden_size, hidden_act)
         self.intermediate_size = intermediate_size
         self.num_experts = num_experts
-        self.num_experts_per_tok = num_experts_per_tok
-        self.moe_every_n_layers = moe_every_n_layers
-        self.router_aux_loss_coef = router_aux_loss_coef
-        self.output_router_logits = output_router_logits
+        # the other MoE settings are checked whatever num_experts, but kept only on a mixture-of-experts config: a
+        # dense config has no output_router_logits / num_experts_per_tok, as for transformers' dense models
+        moe_settings = dict(num_experts_per_tok=num_experts_per_tok, moe_every_n_layers=moe_every_n_layers,
+                            router_aux_loss_coef=router_aux_loss_coef, output_router_logits=output_router_logits)
+        _check_moe(num_experts, num_hidden_layers, **moe_settings)
+        if num_experts > 1:
+            for name, value in moe_settings.items():
+                setattr(self, name, value)
         # every head, also in configs saved before a head existed (theirs keep what they name)
         kwargs["auto_map"] = {**AUTO_MAP, **(kwargs.get("auto_map") or {})}
         super().__init__(**kwargs)
@@ -303,38 +315,8 @@ class HFGPTConfig(PreTrainedConfig):
             raise ValueError(f"initializer_range={self.initializer_range} must be positive.")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps={self.norm_eps} must be positive.")
-        self._validate_moe()
-
-    def _validate_moe(self) -> None:
-        def integer(value) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        if not integer(self.num_experts) or self.num_experts < 0:
-            raise ValueError(
-                f"num_experts={self.num_experts!r} must be an integer >= 0: 0 or 1 for the dense model, 2 or more "
-                "for a mixture of experts."
-            )
-        coef = self.router_aux_loss_coef
-        if not isinstance(coef, (int, float)) or isinstance(coef, bool) or not 0 <= coef < float("inf"):
-            raise ValueError(f"router_aux_loss_coef={coef!r} must be a number >= 0 (0 switches the balance loss off).")
-        if not isinstance(self.output_router_logits, bool):
-            raise ValueError(f"output_router_logits={self.output_router_logits!r} must be True or False.")
-        if not integer(self.num_experts_per_tok) or self.num_experts_per_tok < 1:
-            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok!r} must be an integer >= 1.")
-        if not integer(self.moe_every_n_layers) or self.moe_every_n_layers < 1:
-            raise ValueError(f"moe_every_n_layers={self.moe_every_n_layers!r} must be an integer >= 1.")
-        if not self.is_moe:
-            return  # the dense model: the other MoE settings are not used
-        if self.num_experts_per_tok > self.num_experts:
-            raise ValueError(
-                f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts={self.num_experts}: a token "
-                "cannot be sent to more experts than there are."
-            )
-        if self.moe_every_n_layers > self.num_hidden_layers:
-            raise ValueError(
-                f"moe_every_n_layers={self.moe_every_n_layers} must be in 1..num_hidden_layers="
-                f"{self.num_hidden_layers}, or no block would be a mixture of experts."
-            )
+        _check_moe(self.num_experts, self.num_hidden_layers,
+                   **{name: getattr(self, name) for name in MOE_SETTINGS if hasattr(self, name)})
 
     def _validate_rope_parameters(self) -> None:
         rope = self.rope_parameters
@@ -375,6 +357,43 @@ class HFGPTConfig(PreTrainedConfig):
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; available presets: {', '.join(PRESETS)}.")
         return cls(**{**PRESETS[name], **overrides})
+
+
+# the settings a mixture-of-experts config carries besides num_experts
+MOE_SETTINGS = ("num_experts_per_tok", "moe_every_n_layers", "router_aux_loss_coef", "output_router_logits")
+
+
+def _check_moe(num_experts, num_hidden_layers: int, num_experts_per_tok=2, moe_every_n_layers=1,
+               router_aux_loss_coef=0.01, output_router_logits=False) -> None:
+    def integer(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not integer(num_experts) or num_experts < 0:
+        raise ValueError(
+            f"num_experts={num_experts!r} must be an integer >= 0: 0 or 1 for the dense model, 2 or more for a "
+            "mixture of experts."
+        )
+    coef = router_aux_loss_coef
+    if not isinstance(coef, (int, float)) or isinstance(coef, bool) or not 0 <= coef < float("inf"):
+        raise ValueError(f"router_aux_loss_coef={coef!r} must be a number >= 0 (0 switches the balance loss off).")
+    if not isinstance(output_router_logits, bool):
+        raise ValueError(f"output_router_logits={output_router_logits!r} must be True or False.")
+    if not integer(num_experts_per_tok) or num_experts_per_tok < 1:
+        raise ValueError(f"num_experts_per_tok={num_experts_per_tok!r} must be an integer >= 1.")
+    if not integer(moe_every_n_layers) or moe_every_n_layers < 1:
+        raise ValueError(f"moe_every_n_layers={moe_every_n_layers!r} must be an integer >= 1.")
+    if num_experts < 2:
+        return  # the dense model: the other MoE settings are not used
+    if num_experts_per_tok > num_experts:
+        raise ValueError(
+            f"num_experts_per_tok={num_experts_per_tok} must be in 1..num_experts={num_experts}: a token cannot be "
+            "sent to more experts than there are."
+        )
+    if moe_every_n_layers > num_hidden_layers:
+        raise ValueError(
+            f"moe_every_n_layers={moe_every_n_layers} must be in 1..num_hidden_layers={num_hidden_layers}, or no "
+            "block would be a mixture of experts."
+        )
 
 
 def _divisors_near(n: int, target: int) -> str:

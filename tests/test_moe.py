@@ -46,6 +46,9 @@ def copy_dense_mlps_into_experts(dense: HFGPTForCausalLM, moe: HFGPTForCausalLM)
 def test_dense_by_default_and_with_one_expert():
     for config in (HFGPTConfig.from_preset("tiny"), HFGPTConfig.from_preset("tiny", num_experts=1)):
         assert not config.is_moe
+        # as transformers' dense models: no MoE settings (TRL takes output_router_logits for the sign of an MoE model)
+        assert not any(hasattr(config, name) for name in ("output_router_logits", "num_experts_per_tok",
+                                                           "router_aux_loss_coef", "decoder_sparse_step"))
         model = HFGPTForCausalLM(config).eval()
         assert not any(".mlp.gate." in name or "experts" in name for name, _ in model.named_parameters())
         out = model(torch.randint(0, 512, (1, 5)), labels=torch.randint(0, 512, (1, 5)))
@@ -69,6 +72,16 @@ def test_dense_by_default_and_with_one_expert():
 def test_bad_moe_settings_fail_at_construction(overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
         HFGPTConfig.from_preset("tiny", **overrides)
+
+
+def test_transformers_moe_names_and_round_trip():
+    config = HFGPTConfig.from_preset("tiny", num_local_experts=8, decoder_sparse_step=2, num_experts_per_tok=1)
+    assert (config.num_experts, config.moe_every_n_layers, config.num_local_experts) == (8, 2, 8)
+    assert config.moe_intermediate_size == config.intermediate_size
+    again = HFGPTConfig.from_dict(config.to_dict())
+    assert again.to_dict() == config.to_dict() and again.num_experts_per_tok == 1
+    with pytest.raises(ValueError, match="router_aux_loss_coef=-1"):  # checked on a dense config too
+        HFGPTConfig.from_preset("tiny", router_aux_loss_coef=-1)
 
 
 def test_moe_every_n_layers_picks_the_blocks():
@@ -321,3 +334,23 @@ def test_save_load_and_remote_code(tmp_path):
     torch.testing.assert_close(outputs["aux_loss"], expected.aux_loss.detach())
     assert torch.equal(outputs["generated"], model.generate(ids[:1], max_new_tokens=5, do_sample=False,
                                                             pad_token_id=0))
+
+
+def test_lora_adapts_the_experts_and_the_router_and_merges():
+    from hfgpt.training.peft import PeftArguments, add_lora
+
+    model = moe_model("modern-tiny")
+    args = PeftArguments(lora=True, lora_dropout=0.0)
+    lora = add_lora(model, args, "CAUSAL_LM")
+    adapted = {name.rsplit(".lora_A", 1)[0] for name, _ in lora.named_parameters() if ".lora_A." in name}
+    assert any(name.endswith("h.0.mlp.gate") for name in adapted)
+    assert any(name.endswith("h.1.mlp.experts.3.down_proj") for name in adapted)
+    for name, param in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    ids = torch.randint(0, 512, (2, 8))
+    lora.eval()
+    with torch.no_grad():
+        expected = lora(input_ids=ids).logits
+        merged = lora.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)

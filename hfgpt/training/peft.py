@@ -29,8 +29,9 @@ from torch import nn
 
 from .. import files
 
-# The linear layers of an hfgpt block (gate_proj only with hidden_act="swiglu"): what users target with PEFT.
-HFGPT_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The linear layers of an hfgpt block (gate_proj only with hidden_act="swiglu"; gate, the router, only in a mixture of
+# experts, whose experts' layers are the MLP's names): what users target with PEFT.
+HFGPT_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "gate")
 # The head of HFGPTForSequenceClassification: newly initialised when fine-tuning starts from a language model, so
 # it is trained in full (PEFT's modules_to_save) and saved with the adapter.
 CLASSIFIER_HEAD = "score"
