@@ -35,7 +35,9 @@ from torch import nn
 class ParameterCounts:
     total: int  # every parameter, tied ones once
     embedding: int  # token and learned position tables
-    matmul: int  # weights of linear layers (an output layer tied to the token table counts here too)
+    # weights of the linear layers a token goes through (an output layer tied to the token table counts here too);
+    # in a mixture of experts only its top-k experts' share: num_experts_per_tok / num_experts of the experts' weights
+    matmul: int
     matmul_without_lm_head: int  # the same, without the output layer (classification heads do not compute logits)
 
     @property
@@ -55,8 +57,12 @@ def count_parameters(config) -> ParameterCounts:
 
 def count_model_parameters(model: nn.Module) -> ParameterCounts:
     """Parameter counts of a built model (any device); shared tensors are counted once."""
-    seen, total, embedding, matmul, lm_head = set(), 0, 0, 0, 0
+    seen, total, embedding, matmul, lm_head = set(), 0, 0, 0.0, 0
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # a sparse mixture-of-experts block (`experts`, `top_k`, `num_experts`): each token uses top_k of its experts
+    share = {id(linear): block.top_k / block.num_experts for block in model.modules()
+             if isinstance(getattr(block, "experts", None), nn.ModuleList) and hasattr(block, "top_k")
+             for linear in block.experts.modules() if isinstance(linear, nn.Linear)}
     for module in model.modules():
         for parameter in module.parameters(recurse=False):
             if id(parameter) not in seen:
@@ -65,9 +71,11 @@ def count_model_parameters(model: nn.Module) -> ParameterCounts:
                 if isinstance(module, nn.Embedding):
                     embedding += parameter.numel()
         if isinstance(module, nn.Linear):
-            matmul += module.in_features * module.out_features  # shapes, not numel: 4-bit weights are packed
+            # shapes, not numel: 4-bit weights are packed
+            matmul += module.in_features * module.out_features * share.get(id(module), 1.0)
             if module is output:
                 lm_head = module.in_features * module.out_features
+    matmul = round(matmul)
     return ParameterCounts(total=total, embedding=embedding, matmul=matmul, matmul_without_lm_head=matmul - lm_head)
 
 

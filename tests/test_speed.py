@@ -46,6 +46,17 @@ def test_flops_per_token_is_6n_plus_12ldt(overrides):
     assert frozen == 4 * n + 12 * layers * width * seq_len
 
 
+def test_a_mixture_of_experts_counts_the_experts_a_token_uses():
+    dense = HFGPTConfig.from_preset("tiny", bias=False)
+    moe = HFGPTConfig.from_preset("tiny", bias=False, num_experts=4, num_experts_per_tok=2)
+    dense_counts, moe_counts = flops.count_parameters(dense), flops.count_parameters(moe)
+    mlp = 2 * dense.hidden_size * dense.intermediate_size  # up and down projections
+    router = dense.hidden_size * 4
+    assert moe_counts.total == dense_counts.total + dense.num_hidden_layers * (3 * mlp + router)
+    # per token: two of the four experts (twice the dense MLP) and the router
+    assert moe_counts.matmul == dense_counts.matmul + dense.num_hidden_layers * (mlp + router)
+
+
 def test_matmul_peak_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HFGPT_CACHE", str(tmp_path))
     calls = []
