@@ -66,6 +66,10 @@ CONFIGS: dict[str, dict] = {
     "bpe512-modern-6x128-b128": spec(512, 128, 12, layers=6),
     "bpe1024-modern-4x128-b128": spec(1024, 128, 12),
     "bpe1024-4x192-b64": spec(1024, 64, 16, width=192, modern=False),
+    # a mixture of 4 experts (top-2), each the default's MLP, against the dense model with the same active
+    # parameters per token (an MLP twice as wide)
+    "bpe512-modern-4x128-b128-moe4top2": spec(512, 128, 12, extra_overrides="num_experts=4,num_experts_per_tok=2"),
+    "bpe512-modern-4x128-b128-mlp768": spec(512, 128, 12, extra_overrides="intermediate_size=768"),
 }
 
 
@@ -130,6 +134,22 @@ def nats_per_character(model, tokenizer, text: str, block_size: int) -> tuple[fl
     return result["mean_nll"] * result["num_tokens"] / len(text), result["num_tokens"]
 
 
+def expert_load(model, tokenizer, text: str, block_size: int, max_blocks: int = 64) -> list[list[float]] | None:
+    """For a mixture-of-experts model: per mixture block, the share of the validation tokens' top-k assignments that
+    went to each expert (a balanced router gives 1 / num_experts each); None for a dense model."""
+    if getattr(model.config, "num_experts", 0) < 2:
+        return None
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    blocks = [ids[i:i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)][:max_blocks]
+    model.eval()
+    with torch.no_grad():
+        router_logits = model(torch.tensor(blocks, device=model.device), output_router_logits=True).router_logits
+    k, experts = model.config.num_experts_per_tok, model.config.num_experts
+    counts = [torch.bincount(logits.topk(k, dim=-1).indices.flatten(), minlength=experts) for logits in router_logits]
+    return [[round(count / (logits.shape[0] * k), 3) for count in block.tolist()]
+            for block, logits in zip(counts, router_logits)]
+
+
 def run(name: str, data: tuple[str, str], workdir: Path, budget: float | None, seed: int) -> dict:
     """Train configuration `name` (for its fixed steps, or for `budget` seconds) and measure nats/char."""
     from hfgpt.training.pretrain import parse_args, prepare_pretraining
@@ -157,12 +177,14 @@ def run(name: str, data: tuple[str, str], workdir: Path, budget: float | None, s
     model, tokenizer = run_.trainer.model, run_.tokenizer
     validation_text = Path(data[1]).read_text(encoding="utf-8")
     nats, tokens_scored = nats_per_character(model, tokenizer, validation_text, spec["block_size"])
+    load = expert_load(model, tokenizer, validation_text, spec["block_size"])
     tokens = len(clock.step_times) * spec["batch_size"] * spec["block_size"]
     return {
         "config": name, "nats_per_char": round(nats, 4), "steps": len(clock.step_times), "planned_steps": steps,
         "train_seconds": round(train_seconds, 1), "calibration_seconds": round(calibration_seconds, 1),
         "tokens_per_second": round(tokens / train_seconds), "validation_chars": len(validation_text),
         "parameters": model.num_parameters(), "vocab_size": len(tokenizer),
+        **({"expert_load": load} if load is not None else {}),
         "tokens_per_char": round(tokens_scored / len(validation_text), 3),
         "precision": "bf16" if run_.training_args.bf16 else "fp32",
         "torch_compile": run_.training_args.hfgpt_torch_compile is True,
@@ -212,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         ratio = result["nats_per_char"] / REFERENCE_NATS_PER_CHAR
         print(f"  {result['config']:<24} {result['nats_per_char']:.4f}  ({ratio:.3f} x nanoGPT's)  "
               f"{result['train_seconds']:.0f} s, {result['steps']} steps, {result['tokens_per_second']} tokens/s")
+        if "expert_load" in result:
+            print(f"  {'':<24} experts' share of the validation tokens, per block: {result['expert_load']}")
     if args.results:
         with args.results.open("a", encoding="utf-8") as handle:
             for result in results:

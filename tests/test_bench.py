@@ -176,3 +176,15 @@ def test_main_job_bench_compares_fp32_with_the_defaults():
             if line.startswith(("fp32 eager (before)", "hfgpt defaults")) and "{" not in line}
     assert set(rows) == {"fp32 eager (before)", "hfgpt defaults"}, out
     assert "training time" in out and "of fp32 eager's" in out
+
+
+def test_shakespeare_expert_load_sums_to_one_per_mixture_block(tiny_tokenizer, tiny_corpus):
+    from hfgpt import HFGPTConfig, HFGPTForCausalLM
+
+    shakespeare = load_bench("shakespeare")
+    config = HFGPTConfig.from_preset("tiny", num_experts=4, num_experts_per_tok=2, moe_every_n_layers=2)
+    model = HFGPTForCausalLM(config)
+    load = shakespeare.expert_load(model, tiny_tokenizer, "".join(tiny_corpus), block_size=32, max_blocks=4)
+    assert len(load) == 1 and len(load[0]) == 4  # one mixture block (every 2nd of 2), four experts
+    assert abs(sum(load[0]) - 1) < 0.01
+    assert shakespeare.expert_load(HFGPTForCausalLM(HFGPTConfig.from_preset("tiny")), tiny_tokenizer, "x", 32) is None
