@@ -438,14 +438,17 @@ def end_distributed() -> None:
 
 
 def warn_if_sharding_is_ignored(trainer) -> None:
-    """FSDP and DeepSpeed need GPUs: on CPU processes accelerate falls back to plain DDP without a word. Say so."""
+    """Say so when an accelerate config asks for sharding that is not active: DeepSpeed on CPU processes (it needs
+    GPUs), or FSDP1 there (hfgpt runs FSDP2 on CPU processes, see `hfgpt.training.sharding`); accelerate falls back
+    to plain data parallel without a word."""
     requested = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
                  if os.environ.get(variable, "false").lower() in ("1", "true")]
     enabled = {"FSDP": trainer.is_fsdp_enabled, "DeepSpeed": trainer.is_deepspeed_enabled}
+    needs = {"FSDP": "on CPU processes only FSDP2 runs: set fsdp_version: 2", "DeepSpeed": "DeepSpeed needs GPUs"}
     for name in requested:
         if not enabled[name] and trainer.args.process_index == 0:
             print(f"Warning: the accelerate config asks for {name}, but {name} is not active on this machine "
-                  f"({trainer.args.distributed_state.distributed_type}; {name} needs GPUs): training runs as plain "
+                  f"({trainer.args.distributed_state.distributed_type}; {needs[name]}): training runs as plain "
                   "data parallel.", file=sys.stderr)
 
 
@@ -480,7 +483,7 @@ def training_arguments_summary(args) -> dict:
     """The TrainingArguments worth recording (JSON-safe), without tokens or paths that say nothing about the run."""
     keep = ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
             "adam_epsilon", "max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps",
-            "num_train_epochs", "max_steps", "optim", "seed", "bf16", "fp16", "gradient_checkpointing")
+            "num_train_epochs", "max_steps", "optim", "seed", "bf16", "fp16", "activation_checkpointing")
     values = args.to_dict()
     summary = {key: values[key] for key in keep if key in values}
     summary["world_size"] = args.world_size

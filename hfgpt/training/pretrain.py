@@ -47,9 +47,11 @@ from ..data import (
 )
 from ..data.default_corpus import DESCRIPTION as DEFAULT_CORPUS_DESCRIPTION
 from ..data.default_corpus import default_corpus
+from ..docs_smoke import scale_down
 from ..data.sources import SAMPLE_BY, VALIDATION_SPLIT, DataError
 from ..generation import generate
 from ..hub import finish_model_dir
+from .sharding import CpuShardingMixin
 from .speed import SpeedArguments, SpeedMixin, uncompile
 from .common import (
     MatrixWeightDecayMixin,
@@ -283,8 +285,9 @@ def load_training_rows(args: PretrainArguments):
     return raw, {"dataset": DEFAULT_CORPUS_DESCRIPTION}
 
 
-class PretrainingTrainer(SpeedMixin, ResumeMixin, MatrixWeightDecayMixin, PerplexityMixin, Trainer):
-    """Trainer with weight decay on matrices only, perplexity at every evaluation, tokens/s and MFU in every log."""
+class PretrainingTrainer(SpeedMixin, CpuShardingMixin, ResumeMixin, MatrixWeightDecayMixin, PerplexityMixin, Trainer):
+    """Trainer with weight decay on matrices only, perplexity at every evaluation, tokens/s and MFU in every log, and
+    FSDP2 on CPU processes as on GPUs."""
 
 
 def sample_generations(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, seed: int) -> list[str]:
@@ -446,8 +449,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[PretrainArguments, Pr
     argv = list(argv)
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):  # all arguments from a file
         loader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
-        return tuple(loader(argv[0]))
-    return tuple(parser.parse_args_into_dataclasses(argv))
+        return scale_down("hfgpt pretrain", *loader(argv[0]))
+    return scale_down("hfgpt pretrain", *parser.parse_args_into_dataclasses(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
