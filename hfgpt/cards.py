@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from . import files
+from .docs_smoke import scale_down
 
 TEMPLATE = "model_card.md"
 GENERATED_MARKER = "Written by hfgpt.cards.write_model_card"
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model_name", help="Name in the card title and model-index (default: the directory name).")
     parser.add_argument("--license", help="License identifier for the metadata, e.g. apache-2.0, mit.")
     parser.add_argument("--language", nargs="*", help="ISO 639 language code(s) of the training data, e.g. en.")
-    args = parser.parse_args(argv)
+    args = scale_down("hfgpt card", parser.parse_args(argv))
     path = write_model_card(args.model_dir, model_id=args.model_id, model_name=args.model_name, license=args.license,
                             language=args.language or None)
     print(f"Wrote {path}")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer, set_seed
 
+from .docs_smoke import scale_down
 from .evaluation.loading import load_model, load_tokenizer
 from .evaluation.perplexity import model_context_length
 
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--max_new_tokens={args.max_new_tokens} must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         parser.error("--temperature must be >= 0, --top_p in (0, 1], --top_k >= 0")
+    scale_down("hfgpt chat", args)
     try:
         local = Path(args.model).is_absolute() or args.model.startswith((".", "~")) or args.model.count("/") > 1
         if local and not Path(args.model).expanduser().exists():  # not a Hub id (owner/name) either

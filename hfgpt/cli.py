@@ -2,6 +2,7 @@
 
 import importlib
 import sys
+from pathlib import Path
 
 # name -> (module, function, one-line help). Modules are imported only when their subcommand runs.
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -19,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "chat": ("hfgpt.chat", "main", "chat with a model in the terminal (streaming, multi-turn), or answer one --prompt"),
 }
 
+# The guides (a page per stage) live in the repository's docs/, beside the package in an editable install.
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "index.md"
 
 def _version() -> str:
     import torch
@@ -34,6 +37,8 @@ def _usage() -> str:
     lines = ["usage: hfgpt <command> [arguments]   (hfgpt <command> --help for its arguments; hfgpt --version)", "",
              "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    where = DOCS if DOCS.is_file() else "docs/index.md in the hfgpt repository"
+    lines += ["", f"documentation: {where} (a guide per stage; `mkdocs serve` in the repository builds the site)"]
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import files
 from .cards import is_generated_card, write_model_card
+from .docs_smoke import scale_down
 
 # What a model repository needs, and nothing else: an allowlist, so that whatever else lands in an output directory
 # (TensorBoard event files, whose names carry the host name; predictions on the user's own data; checkpoints with
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--create_pr", action="store_true", help="Open a pull request instead of committing.")
     parser.add_argument("--dry_run", action="store_true", help="Check the directory and list what would be uploaded "
                         "(and what stays behind); writes and uploads nothing.")
-    args = parser.parse_args(argv)
+    args = scale_down("hfgpt push", parser.parse_args(argv))
     try:
         if args.dry_run:
             print_dry_run(args.model_dir, args.repo_id)

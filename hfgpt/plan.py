@@ -27,6 +27,8 @@ import json
 import math
 import sys
 
+from .docs_smoke import scale_down
+
 # Hoffmann et al. (2022), approach 3 (parametric fit of the final loss, nats/token)
 E, A, B, ALPHA, BETA = 1.69, 406.4, 410.7, 0.34, 0.28
 TOKENS_PER_PARAMETER = 20
@@ -461,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num_gpus is not None and args.gpu is None:
         parser.error("--num_gpus needs --gpu (which GPU)")
+    scale_down("hfgpt plan", args)
     if args.gpu is not None:
         try:
             peak = gpu_peak(args.gpu)

@@ -3,6 +3,7 @@
 import argparse
 import sys
 
+from ..docs_smoke import scale_down
 from . import CONVERTERS
 
 TARGETS = {"gpt2": "hfgpt", "hfgpt": "gpt2"}
@@ -18,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="format of SOURCE: gpt2 (converted to hfgpt) or hfgpt (converted to GPT-2)")
     parser.add_argument("source", metavar="SOURCE", help="a local checkpoint directory or a Hub id")
     parser.add_argument("output", metavar="OUTPUT", help="a new (or empty) directory to write the converted model to")
-    args = parser.parse_args(argv)
+    args = scale_down("hfgpt convert", parser.parse_args(argv))
     try:
         output = CONVERTERS[args.source_format](args.source, args.output)
     except (ValueError, OSError) as error:  # bad input: say what was wrong without a traceback

@@ -16,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..docs_smoke import scale_down
 from .gguf import DTYPES, hfgpt_to_gguf
 from .gpt2 import hfgpt_to_gpt2
 from .llama import hfgpt_to_llama
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.to != "gguf":
             parser.error(f"--dtype applies to --to gguf only (a {args.to} directory keeps the source's weights)")
         options["dtype"] = args.dtype
+    scale_down("hfgpt export", args)
     try:
         output = export(args.source, args.output, args.to, overwrite=args.overwrite, **options)
     except (ValueError, OSError) as error:  # bad input: one line saying what to do, no traceback

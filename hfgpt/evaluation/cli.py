@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import files
+from ..docs_smoke import scale_down
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +185,7 @@ def perplexity_main(argv: list[str] | None = None) -> int:
 
     args, parser = _parse(PerplexityArguments, argv, "hfgpt eval perplexity")
     _require(parser, model_name_or_path=args.model_name_or_path, file=args.file)
+    scale_down("hfgpt eval perplexity", args)
     check_not_training_data(args.file, args)
     texts = read_texts(args.file, args.text_column)
     kept = [text for text in texts if text.strip()]
@@ -302,6 +304,7 @@ def rouge_main(argv: list[str] | None = None) -> int:
     if bool(args.predictions_file) == bool(args.prompts_file):
         parser.error("give either --predictions_file (score existing generations) or --model_name_or_path with "
                      "--prompts_file (generate, then score)")
+    scale_down("hfgpt eval rouge", args)
     extra = {}
     if args.predictions_file:
         rows = read_rows(args.predictions_file, columns=(args.prediction_column, args.reference_column))
@@ -373,6 +376,7 @@ def classification_main(argv: list[str] | None = None) -> int:
 
     args, parser = _parse(ClassificationArguments, argv, "hfgpt eval classification")
     _require(parser, model_name_or_path=args.model_name_or_path, file=args.file)
+    scale_down("hfgpt eval classification", args)
     check_not_training_data(args.file, args)
     rows = read_rows(args.file, columns=(args.text_column, args.label_column))
     model, tokenizer = _model_and_tokenizer(args, auto_class=AutoModelForSequenceClassification)

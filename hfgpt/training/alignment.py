@@ -41,6 +41,7 @@ import torch
 import trl
 
 from .. import files
+from ..docs_smoke import scale_down
 from ..data import chat
 from .common import (
     MatrixWeightDecayMixin,
@@ -795,7 +796,7 @@ def _parse(config_class, arguments_class, argv, prog):
         parser.error("--model_name_or_path is required (a model directory or a Hub id)")
     if not (script_args.train_file or script_args.dataset_name):
         parser.error("give the training rows with --train_file (or --dataset_name)")
-    return script_args, peft_args, args
+    return scale_down(prog, script_args, peft_args, args)
 
 
 def _script_inputs(script_args: AlignmentArguments):

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import files
+from ..docs_smoke import scale_down
 
 
 def _model_class(config: dict, model_dir: Path):
@@ -128,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output_dir", required=True, help="Where the averaged model goes.")
     parser.add_argument("--overwrite_output_dir", action="store_true",
                         help="Replace a model already in --output_dir.")
-    args = parser.parse_args(argv)
+    args = scale_down("hfgpt average", parser.parse_args(argv))
     output_dir = Path(args.output_dir)
     if (output_dir / "config.json").is_file() and not args.overwrite_output_dir:
         parser.error(f"{output_dir} already holds a model; pass --overwrite_output_dir to replace it.")

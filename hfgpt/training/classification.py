@@ -42,6 +42,7 @@ from transformers import (
 )
 
 from .. import files
+from ..docs_smoke import scale_down
 from ..data.labels import LABEL_ID_COLUMN, label_mappings, load_labelled_datasets
 from ..data.sources import TRAIN_SPLIT, VALIDATION_SPLIT, DataError, split_file_list
 from ..data.text import set_text_start_bos
@@ -579,7 +580,7 @@ def parse_args(argv: Sequence[str] | None = None):
         args, peft_args, training_args = loader(argv[0])
     else:
         args, peft_args, training_args = parser.parse_args_into_dataclasses(argv)
-    return args, training_args, peft_args
+    return scale_down("hfgpt classify", args, training_args, peft_args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
