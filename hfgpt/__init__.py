@@ -5,25 +5,11 @@ Importing hfgpt registers the config, the base model and the four heads with the
 installed).
 """
 
-import logging
+from . import quiet
 
+quiet.install()  # before anything imports bitsandbytes or transformers' Trainer
 
-class _KnownHarmlessWarnings(logging.Filter):
-    """Drops the warnings bitsandbytes and `kernels` print whenever bitsandbytes is imported, offline: its optional
-    faster CPU 4-bit kernel cannot be fetched from the Hub, and so is not trusted. bitsandbytes is imported by
-    transformers' Trainer through PEFT, whether or not any weight is 4-bit, and a user reads these lines as breakage.
-    Only these two messages go; every other warning of these loggers still shows."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not (message.startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
-                    or message.startswith("Skipping publisher trust check for 'kernels-community/quantization-"))
-
-
-for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
-    logging.getLogger(_name).addFilter(_KnownHarmlessWarnings())
-
-from transformers import (  # noqa: E402 (the filter must be in place before anything imports bitsandbytes)
+from transformers import (  # noqa: E402 (quiet.install() first)
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,

@@ -16,6 +16,7 @@ base in float32, so a QLoRA adapter merges into the original weights, not into t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -129,19 +130,24 @@ def load_base_model(model_name_or_path: str | os.PathLike, auto_class, peft_args
     """`auto_class.from_pretrained(...)`; with --qlora, quantised to 4-bit and prepared for k-bit training
     (base frozen, norms in float32, gradient checkpointing as asked)."""
     import hfgpt  # noqa: F401  (registers the hfgpt Auto classes)
+    from hfgpt.quiet import expected_new_head
 
+    is_classifier = "SequenceClassification" in auto_class.__name__
+    # a classifier started from a causal LM: its head is new by design (one line, not transformers' report table)
+    loading = expected_new_head((CLASSIFIER_HEAD,)) if is_classifier else contextlib.nullcontext()
     if peft_args is None or not peft_args.qlora:
-        return auto_class.from_pretrained(model_name_or_path, **from_pretrained_kwargs)
+        with loading:
+            return auto_class.from_pretrained(model_name_or_path, **from_pretrained_kwargs)
 
     from peft import prepare_model_for_kbit_training
 
-    is_classifier = "SequenceClassification" in auto_class.__name__
-    model = auto_class.from_pretrained(
-        model_name_or_path,
-        quantization_config=quantization_config(skip_modules=[CLASSIFIER_HEAD] if is_classifier else None),
-        dtype=compute_dtype(),
-        **from_pretrained_kwargs,
-    )
+    with loading:
+        model = auto_class.from_pretrained(
+            model_name_or_path,
+            quantization_config=quantization_config(skip_modules=[CLASSIFIER_HEAD] if is_classifier else None),
+            dtype=compute_dtype(),
+            **from_pretrained_kwargs,
+        )
     keep_4bit_layout_trainable(model)
     return prepare_model_for_kbit_training(
         model,

@@ -250,7 +250,9 @@ def load_or_train_tokenizer(args: PretrainArguments, training_args: TrainingArgu
         return AutoTokenizer.from_pretrained(_shared_tokenizer_dir(training_args)), source
     print(f"Training a byte-level BPE tokenizer (vocab_size={vocab_size}) on the training split...")
     tokenizer = train_tokenizer(_texts(raw["train"], args.text_column, args.tokenizer_max_chars),
-                                vocab_size=vocab_size, show_progress=not training_args.disable_tqdm)
+                                vocab_size=vocab_size,
+                                # tokenizers' bars draw only on a terminal; elsewhere they leave blank lines in logs
+                                show_progress=not training_args.disable_tqdm and sys.stderr.isatty())
     if training_args.world_size > 1:
         tokenizer.save_pretrained(_shared_tokenizer_dir(training_args))
     return tokenizer, source
