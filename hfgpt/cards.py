@@ -296,7 +296,8 @@ def is_generated_card(path: str | os.PathLike) -> bool:
     return path.is_file() and GENERATED_MARKER in path.read_text(encoding="utf-8")
 
 
-def main(argv: list[str] | None = None) -> int:
+def argument_parser() -> argparse.ArgumentParser:
+    """`hfgpt card`'s arguments (also what a recipe's card section takes)."""
     parser = argparse.ArgumentParser(prog="hfgpt card", description="Write the model card (README.md) of a model "
                                      "directory from its config, tokenizer, training summary and eval results.")
     parser.add_argument("model_dir")
@@ -304,7 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model_name", help="Name in the card title and model-index (default: the directory name).")
     parser.add_argument("--license", help="License identifier for the metadata, e.g. apache-2.0, mit.")
     parser.add_argument("--language", nargs="*", help="ISO 639 language code(s) of the training data, e.g. en.")
-    args = scale_down("hfgpt card", parser.parse_args(argv))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = scale_down("hfgpt card", argument_parser().parse_args(argv))
     path = write_model_card(args.model_dir, model_id=args.model_id, model_name=args.model_name, license=args.license,
                             language=args.language or None)
     print(f"Wrote {path}")

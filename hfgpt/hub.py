@@ -270,7 +270,8 @@ def print_dry_run(model_dir: str | os.PathLike, repo_id: str) -> None:
             print(f"  {path}  ({why})")
 
 
-def main(argv: list[str] | None = None) -> int:
+def argument_parser() -> argparse.ArgumentParser:
+    """`hfgpt push`'s arguments (also what a recipe's push section takes)."""
     parser = argparse.ArgumentParser(prog="hfgpt push", description="Upload a model directory (weights, config, "
                                      "modelling code, tokenizer, model card) to the Hugging Face Hub.")
     parser.add_argument("model_dir")
@@ -282,7 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--create_pr", action="store_true", help="Open a pull request instead of committing.")
     parser.add_argument("--dry_run", action="store_true", help="Check the directory and list what would be uploaded "
                         "(and what stays behind); writes and uploads nothing.")
-    args = scale_down("hfgpt push", parser.parse_args(argv))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = scale_down("hfgpt push", argument_parser().parse_args(argv))
     try:
         if args.dry_run:
             print_dry_run(args.model_dir, args.repo_id)
