@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "convert": ("hfgpt.convert.cli", "main", "convert a checkpoint: --from gpt2 (GPT2LMHeadModel -> hfgpt) | --from hfgpt (-> GPT-2)"),
     "export": ("hfgpt.convert.export", "main", "export a model: --to llama (LlamaForCausalLM) | gpt2 (GPT2LMHeadModel) | gguf (llama.cpp)"),
     "plan": ("hfgpt.plan", "main", "plan a compute-optimal pretraining run (Chinchilla): model size, tokens, wall time, command"),
+    "run": ("hfgpt.recipes", "main", "run a recipe (YAML): tokenizer, pretrain, sft, dpo, classify, eval, card, push; resumable"),
     "chat": ("hfgpt.chat", "main", "chat with a model in the terminal (streaming, multi-turn), or answer one --prompt"),
 }
 
