@@ -71,10 +71,9 @@ def _delay_quick_bars(factory, args, kwargs):
 
 def install() -> None:
     """Puts the filters above in place (idempotent)."""
-    from transformers.utils import logging as transformers_logging
-
     for name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
         _add_once(logging.getLogger(name), _DropMessages(_BITSANDBYTES_OFFLINE))
+    from transformers.utils import logging as transformers_logging  # after the filters: it may import bitsandbytes
     _add_once(logging.getLogger("transformers.trainer_utils"), _DropMessages((_CHECKPOINT_MTIME,)))
     _add_once(logging.getLogger("transformers.modeling_utils"), _PlainLoadReport())
     warnings.filterwarnings("ignore", message=_RENAMED_CHECKPOINTING_METHODS, category=FutureWarning)

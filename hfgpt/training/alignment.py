@@ -56,6 +56,7 @@ from .common import (
     training_data_record,
     write_training_summary,
 )
+from .sharding import CpuShardingMixin
 from .speed import SpeedArguments, SpeedMixin, uncompile
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,25 @@ DPO_TASK = "preference tuning (DPO)"
 
 
 @dataclass
-class HFGPTSFTConfig(SpeedArguments, trl.SFTConfig):
+class CheckpointingByDefault:
+    """TRL's configs turn activation checkpointing on by default under the name transformers 5 deprecated
+    (`gradient_checkpointing`), so every run printed a FutureWarning the user could do nothing about. Same default,
+    under the new name; `--gradient_checkpointing` still works (and warns, as transformers does)."""
+
+    activation_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Recompute activations in the backward pass to save memory (~20%% slower). "
+                                        "Default (TRL's): on.", "nargs": "?", "const": True})
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of --activation_checkpointing.", "nargs": "?", "const": True})
+
+    def __post_init__(self):
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
+        super().__post_init__()
+
+
+@dataclass
+class HFGPTSFTConfig(CheckpointingByDefault, SpeedArguments, trl.SFTConfig):
     """TRL's `SFTConfig` with hfgpt's defaults: loss on the assistant's tokens only; bf16 where the hardware computes
     it natively (TRL's default, bf16 everywhere, fails or crawls elsewhere); torch.compile only when asked (chat rows
     have every length, so a compiled model would recompile)."""
@@ -88,7 +107,7 @@ LABEL_SMOOTHING_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
 
 
 @dataclass
-class HFGPTDPOConfig(SpeedArguments, trl.DPOConfig):
+class HFGPTDPOConfig(CheckpointingByDefault, SpeedArguments, trl.DPOConfig):
     """TRL's `DPOConfig` with bf16 only where the hardware computes it natively, and no silently ignored label
     smoothing."""
 
@@ -113,8 +132,9 @@ class HFGPTDPOConfig(SpeedArguments, trl.DPOConfig):
             )
 
 
-class SFTTrainer(SpeedMixin, ResumeMixin, MatrixWeightDecayMixin, trl.SFTTrainer):
-    """TRL's SFTTrainer with hfgpt's weight-decay rule (matrices only), tokens/s and MFU in its logs."""
+class SFTTrainer(SpeedMixin, CpuShardingMixin, ResumeMixin, MatrixWeightDecayMixin, trl.SFTTrainer):
+    """TRL's SFTTrainer with hfgpt's weight-decay rule (matrices only), tokens/s and MFU in its logs, and FSDP2 on CPU
+    processes as on GPUs."""
 
 
 class DPOTrainer(SpeedMixin, ResumeMixin, MatrixWeightDecayMixin, trl.DPOTrainer):
