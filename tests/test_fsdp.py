@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from hfgpt import HFGPTForCausalLM, files
 from hfgpt.training.common import checkpoint_dirs
 from hfgpt.training.pretrain import parse_args, run_pretraining
+from test_alignment import instruction_rows, write_jsonl
 from test_pretrain import corpus_file, free_port, logged, tiny_run_args, tokenizer_dir  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,20 +67,14 @@ SHARDED_RUN = textwrap.dedent("""
 """)
 
 
-def launch_sharded(tmp_path, output_dir, corpus_file, tokenizer_dir, *extra, kill_at=0):  # noqa: F811
-    """2 CPU processes with train/accelerate/fsdp.yaml; returns (exit code, output). The launcher starts a session
-    of its own, killed whole if it outlives LAUNCH_TIMEOUT, so no rank is left behind waiting on a dead peer."""
-    report_dir = Path(output_dir).parent / f"{Path(output_dir).name}-report"
-    report_dir.mkdir(parents=True, exist_ok=True)
-    script = tmp_path / "sharded_run.py"
-    script.write_text(SHARDED_RUN)
+def launch_two_processes(cwd, *script_and_arguments) -> tuple[int, str]:
+    """`accelerate launch` with train/accelerate/fsdp.yaml on 2 CPU processes; (exit code, output). The launcher
+    starts a session of its own, killed whole if it outlives LAUNCH_TIMEOUT, so no rank is left waiting on a dead
+    peer."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "train" / "accelerate" / "fsdp.yaml"), "--num_processes", "2",
-               "--main_process_port", str(free_port()), str(script), str(kill_at), str(report_dir),
-               json.dumps(PROBE_IDS),
-               *tiny_run_args(output_dir, corpus_file, tokenizer_dir, *STEPS, "--per_device_train_batch_size", "2",
-                              *extra)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+               "--main_process_port", str(free_port()), *map(str, script_and_arguments)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
                                env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     try:
         output, _ = process.communicate(timeout=LAUNCH_TIMEOUT)
@@ -87,7 +82,19 @@ def launch_sharded(tmp_path, output_dir, corpus_file, tokenizer_dir, *extra, kil
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
         pytest.fail(f"the 2-process run outlived {LAUNCH_TIMEOUT} s:\n{output[-4000:]}")
-    return process.returncode, output, report_dir
+    return process.returncode, output
+
+
+def launch_sharded(tmp_path, output_dir, corpus_file, tokenizer_dir, *extra, kill_at=0):  # noqa: F811
+    """Sharded pretraining (SHARDED_RUN); (exit code, output, the directory of the processes' reports)."""
+    report_dir = Path(output_dir).parent / f"{Path(output_dir).name}-report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    script = tmp_path / "sharded_run.py"
+    script.write_text(SHARDED_RUN)
+    code, output = launch_two_processes(
+        tmp_path, script, kill_at, report_dir, json.dumps(PROBE_IDS),
+        *tiny_run_args(output_dir, corpus_file, tokenizer_dir, *STEPS, "--per_device_train_batch_size", "2", *extra))
+    return code, output, report_dir
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +117,8 @@ def test_every_parameter_is_sharded_and_no_fallback_warning(runs):
         assert kind == other_kind == "DTensor", name
         assert local + other_local == total and max(local, other_local) < total, (name, local, other_local, total)
     assert "not active on this machine" not in runs["output"]  # the DDP fallback warning
+    summary = json.loads((runs["sharded"] / files.TRAINING_SUMMARY).read_text())
+    assert summary["hyperparameters"]["distributed_type"] == "FSDP"
 
 
 def test_sharded_loss_trajectory_equals_the_single_process(runs):
@@ -170,3 +179,27 @@ def test_killed_sharded_run_resumes_to_where_the_uninterrupted_run_ends(runs, co
     resumed, straight = (load_file(path / "model.safetensors") for path in (killed, runs["sharded"]))
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], rtol=1e-6, atol=1e-7)
+
+
+def test_sharded_sft_follows_the_single_process(runs, tmp_path):
+    """SFT (TRL's SFTTrainer, assistant-only loss) from the sharded pretrained model: `train/sft.py` under the same
+    FSDP config gives the single process's losses (tolerance as for pretraining) and a model that loads alone."""
+    data = write_jsonl(tmp_path / "instructions.jsonl", instruction_rows(20))
+    common = ["--model_name_or_path", str(runs["sharded"]), "--train_file", data, "--max_steps", "3", "--logging_steps",
+              "1", "--learning_rate", "1e-3", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
+              "--validation_split_percentage", "10", "--max_eval_prompts", "0", "--bf16", "false", "--use_cpu", "true",
+              "--ddp_timeout", "120", "--seed", "3"]
+    from hfgpt.training.alignment import sft_main
+
+    assert sft_main([*common, "--output_dir", str(tmp_path / "single"), "--per_device_train_batch_size", "4"]) == 0
+    code, output = launch_two_processes(tmp_path, REPO / "train" / "sft.py", *common, "--output_dir",
+                                        tmp_path / "sharded", "--per_device_train_batch_size", "2")
+    assert code == 0, output[-4000:]
+    assert "not active on this machine" not in output
+    summary = json.loads((tmp_path / "sharded" / files.TRAINING_SUMMARY).read_text())
+    assert summary["training_arguments"]["distributed_type"] == "FSDP"
+    assert summary["training_arguments"]["global_batch_size"] == 4
+    assert logged(tmp_path / "sharded") == pytest.approx(logged(tmp_path / "single"), rel=1e-5)
+    assert len(logged(tmp_path / "sharded")) == 3
+    assert [path.name for path in (tmp_path / "sharded").glob("*.safetensors")] == ["model.safetensors"]
+    HFGPTForCausalLM.from_pretrained(tmp_path / "sharded")

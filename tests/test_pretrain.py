@@ -251,6 +251,7 @@ def test_two_ddp_processes_follow_the_single_process_loss_trajectory(tmp_path, c
     assert process.returncode == 0, process.stderr[-4000:]
     summary = json.loads((tmp_path / "two" / files.TRAINING_SUMMARY).read_text())
     assert summary["hyperparameters"]["world_size"] == 2 and summary["hyperparameters"]["global_batch_size"] == 4
+    assert summary["hyperparameters"]["distributed_type"] == "MULTI_CPU"  # DDP (the FSDP run: tests/test_fsdp.py)
     assert logged(tmp_path / "two") == pytest.approx(logged(tmp_path / "one"), rel=1e-4)
 
 

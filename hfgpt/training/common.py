@@ -487,6 +487,8 @@ def training_arguments_summary(args) -> dict:
     values = args.to_dict()
     summary = {key: values[key] for key in keep if key in values}
     summary["world_size"] = args.world_size
+    if args.world_size > 1:  # how the processes split the work: MULTI_CPU / MULTI_GPU (DDP), FSDP, DEEPSPEED
+        summary["distributed_type"] = str(args.distributed_state.distributed_type.value)
     summary["global_batch_size"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     return summary
 
