@@ -605,6 +605,9 @@ def _plan_data(section, data_dir: Path, where: Locations, variables: dict) -> li
                 raise RecipeError(f"{where(*keys, 'from')}: data {name}: {source} is not a row file "
                                   f"({', '.join(files.ROW_FILE_SUFFIXES)}).")
         rows = entry.get("rows")
+        if rows is not None and not isinstance(rows, str):
+            raise RecipeError(f"{where(*keys, 'rows')}: data {name}: rows is a quoted string like \":-10%\" or "
+                              f"\"0:700,800:900\" (unquoted, YAML reads {rows!r}).")
         if rows is not None:
             try:
                 select_rows(list(range(100)), str(rows))

@@ -43,15 +43,17 @@ def load_bench(name: str):
 
 
 def test_alignment_development_fold_never_reads_the_held_out_rows():
-    split = load_bench("alignment").split
+    from hfgpt.recipes import select_rows
+
+    row_specs = load_bench("alignment").row_specs
     rows = [{"row": i} for i in range(1000)]
-    train, held = split(rows)
+    train, held = (select_rows(rows, spec) for spec in row_specs(len(rows)))
     assert [r["row"] for r in held] == list(range(900, 1000)) and len(train) == 900
-    train, dev = split(rows, dev_fold=700)
+    train, dev = (select_rows(rows, spec) for spec in row_specs(len(rows), dev_fold=700))
     assert [r["row"] for r in dev] == list(range(700, 800))
     assert [r["row"] for r in train] == list(range(700)) + list(range(800, 900))
     with pytest.raises(ValueError, match="must start between 0 and 800"):
-        split(rows, dev_fold=850)
+        row_specs(len(rows), dev_fold=850)
 
 
 def test_alignment_bench_quick(tmp_path):
@@ -74,7 +76,7 @@ def test_alignment_bench_quick(tmp_path):
     assert "held-out reward accuracy" in out
     pairs = [json.loads(line) for line in open(tmp_path / "run" / "dpo" / "preference_pairs.jsonl")]
     assert len(pairs) == 4  # the last 10% of 40 pairs
-    for stage in ("pretrained", "sft", "dpo"):
+    for stage in ("pretrain", "sft", "dpo"):  # recipes/chat.yaml's stages
         assert (tmp_path / "run" / stage / "model.safetensors").exists()
         config = json.loads((tmp_path / "run" / stage / "config.json").read_text())
         assert (config["hidden_size"], config["position_embedding_type"]) == (64, "rope")  # --config_overrides
