@@ -305,7 +305,7 @@ class Command:
 
 def stage_command(stage: str, evaluation: str | None = None) -> Command:
     if stage == "tokenizer":
-        return Command("(hfgpt run's tokenizer stage)", (), _tokenizer_parser, tokenizer_main,
+        return Command("(tokenizer stage of hfgpt run)", (), _tokenizer_parser, tokenizer_main,
                        allowed=(*TOKENIZER_FIELDS, "output_dir"))
     if stage == "eval":
         return Command(f"hfgpt eval {evaluation}", ("eval", evaluation), _eval_parser(evaluation),
@@ -423,8 +423,16 @@ class Invocation:
     where: Locations
     keys: tuple  # the section's keys in the recipe ("pretrain",) or ("eval", "rouge", 0)
 
-    def shell(self, extra: Sequence[str] = ()) -> str:
-        return f"{self.command.name} {shlex.join([*self.argv, *extra])}"
+    def command_line(self, launch: dict | None = None, extra: Sequence[str] = ()) -> list[str]:
+        """What runs: `hfgpt <command> ...`, or with `launch` `accelerate launch <options> -m hfgpt.cli <command> ...`
+        (the tokenizer stage has no command of its own: it runs in `hfgpt run`)."""
+        if launch:
+            return ["accelerate", "launch", *launch_argv(launch), "-m", "hfgpt.cli", *self.command.cli, *self.argv,
+                    *extra]
+        return [*(["hfgpt", *self.command.cli] if self.command.cli else [self.command.name]), *self.argv, *extra]
+
+    def shell(self, launch: dict | None = None, extra: Sequence[str] = ()) -> str:
+        return shlex.join(self.command_line(launch, extra))
 
 
 def build_invocation(command: Command, section: dict, where: Locations, keys: tuple,
@@ -874,8 +882,7 @@ def run_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), dry_run: 
     if dry_run:
         for stage in plan.stages:
             for invocation in stage.invocations:
-                launcher = f"accelerate launch {shlex.join(launch_argv(stage.launch))} -m " if stage.launch else ""
-                print(f"  {stage.name}: {launcher}{invocation.shell()}")
+                print(f"  {stage.name}: {invocation.shell(stage.launch)}")
         print("Dry run: the recipe checks out; nothing was written or trained.")
         return 0
     for data in plan.data:
@@ -938,14 +945,15 @@ def _has_output(stage: Stage) -> bool:
 def _run_stage(plan: Plan, stage: Stage, key: dict, extra: list[str], decision: str) -> StageOutcome:
     stage.output_dir.mkdir(parents=True, exist_ok=True)
     record = {"stage": stage.name, "recipe": str(plan.recipe_path), "recipe_sha256": plan.recipe_sha256, **key,
-              "commands": [invocation.shell(extra) for invocation in stage.invocations], "complete": False,
+              "commands": [invocation.shell(stage.launch, extra) for invocation in stage.invocations],
+              "complete": False,
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     previous = files.read_json(stage.output_dir / RECORD) or {}
     before = _eval_results_snapshot(stage)
     files.write_json(stage.output_dir / RECORD, record)
     started = time.time()
     for invocation in stage.invocations:
-        print(f"\n[{stage.name}] {invocation.shell(extra)}", flush=True)
+        print(f"\n[{stage.name}] {invocation.shell(stage.launch, extra)}", flush=True)
         status = _call(stage, invocation, extra if stage.resumable else [])
         if status != 0:
             record.update(exit_status=status, wall_time_seconds=round(time.time() - started, 1))
@@ -965,16 +973,16 @@ def _run_stage(plan: Plan, stage: Stage, key: dict, extra: list[str], decision: 
 
 
 def _call(stage: Stage, invocation: Invocation, extra: list[str]) -> int:
-    argv = [*invocation.argv, *extra]
     if stage.launch:
-        command = [sys.executable, "-m", "accelerate.commands.launch", *launch_argv(stage.launch), "-m", "hfgpt.cli",
-                   *invocation.command.cli, *argv]
+        # `accelerate launch` of the interpreter running this (its venv), not whichever is first on PATH
+        command = [sys.executable, "-m", "accelerate.commands.launch",
+                   *invocation.command_line(stage.launch, extra)[2:]]
         try:
             return subprocess.run(command, check=False).returncode
         except KeyboardInterrupt:
             return 130
     try:
-        return int(invocation.command.main(argv) or 0)
+        return int(invocation.command.main([*invocation.argv, *extra]) or 0)
     except SystemExit as exit_:  # argparse's error in the command (already printed)
         return exit_.code if isinstance(exit_.code, int) else 1
     except KeyboardInterrupt:
