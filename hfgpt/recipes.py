@@ -445,7 +445,7 @@ def build_invocation(command: Command, section: dict, where: Locations, keys: tu
     argv, positionals, arguments = [], [], {}
     for name, value in section.items():
         location = where(*keys, name)
-        if name in RUNNER_FIELDS and name in actions and name not in runner_set:
+        if name in RUNNER_FIELDS and name in actions and name not in runner_set:  # (an eval entry's)
             raise RecipeError(f"{location}: {name} is set by the recipe runner ({RUNNER_FIELDS[name]}); remove it.")
         if name not in allowed or name not in actions:
             listed = (", ".join(sorted(allowed)) if len(allowed) <= 30 else
@@ -463,13 +463,13 @@ def build_invocation(command: Command, section: dict, where: Locations, keys: tu
         else:
             positionals += tokens
     argv = [*positionals, *argv]
-    _check_whole(command, parser, argv, where(*keys))
+    _check_whole(command, parser, argv, section, where, keys)
     return Invocation(command, dict(section), arguments, argv, where, keys)
 
 
-def _check_whole(command: Command, parser, argv: list[str], where: str) -> None:
+def _check_whole(command: Command, parser, argv: list[str], section: dict, where: Locations, keys: tuple) -> None:
     """Parse the argv as the command will, into its dataclasses: their own checks (`__post_init__`) run now, before
-    anything trains."""
+    anything trains. The error points at the earliest line of the fields it names (else at the section)."""
     from transformers import HfArgumentParser
 
     stderr = io.StringIO()
@@ -479,11 +479,15 @@ def _check_whole(command: Command, parser, argv: list[str], where: str) -> None:
                 parser.parse_args_into_dataclasses(args=argv)
             else:
                 parser.parse_args(argv)
+        return
     except SystemExit:
-        message = stderr.getvalue().strip().splitlines()[-1:] or ["invalid arguments"]
-        raise RecipeError(f"{where}: {command.name}: {message[0].split('error: ', 1)[-1]}") from None
+        lines = stderr.getvalue().strip().splitlines()
+        message = lines[-1].split("error: ", 1)[-1] if lines else "invalid arguments"
     except (ValueError, TypeError) as error:
-        raise RecipeError(f"{where}: {command.name}: {error}") from None
+        message = str(error)
+    named = [name for name in section if re.search(rf"(?<!\w){re.escape(name)}(?!\w)", message)]
+    places = sorted((where(*keys, name) for name in named), key=lambda place: (len(place), place))
+    raise RecipeError(f"{places[0] if places else where(*keys)}: {command.name}: {message}") from None
 
 
 # --- the plan: every stage resolved and checked -----------------------------------------------------------------------
@@ -644,6 +648,10 @@ def _plan_stage(name: str, section: dict, stage_dir: Path, previous_model: Path 
             raise RecipeError(f"{where(name, LAUNCH_KEY)}: launch (accelerate launch options) is for the training "
                               f"stages ({', '.join(RESUMABLE_STAGES)}), not {name}.")
         _check_launch(launch, where(name, LAUNCH_KEY))
+    for key in RUNNER_FIELDS:
+        if key in section:
+            raise RecipeError(f"{where(name, key)}: {key} is set by the recipe runner ({RUNNER_FIELDS[key]}); "
+                              "remove it.")
     command = stage_command(name)
     runner = {"output_dir": str(stage_dir)}
     if name == "tokenizer":
