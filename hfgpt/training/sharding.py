@@ -45,10 +45,13 @@ def promote_cpu_processes_to_fsdp(accelerator, args) -> bool:
     state = accelerator.state
     if state.distributed_type != DistributedType.MULTI_CPU or not fsdp_requested(args):
         return False
-    plugin_args = getattr(args, "fsdp_plugin_args", None)
-    plugin = FullyShardedDataParallelPlugin(**plugin_args) if plugin_args else FullyShardedDataParallelPlugin()
-    if plugin.fsdp_version != 2:
+    plugin_args = getattr(args, "fsdp_plugin_args", None) or {}
+    # accelerate's rule for the version: the plugin's argument, else FSDP_VERSION, else 1. FSDP1's plugin cannot even
+    # be built on CPU processes (its sync_module_states), so the version is read first.
+    version = plugin_args.get("fsdp_version") or os.environ.get("FSDP_VERSION", "1")
+    if int(version) != 2:
         return False
+    plugin = FullyShardedDataParallelPlugin(**plugin_args)
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)  # what AcceleratorState does for GPUs
     state.fsdp_plugin = plugin
