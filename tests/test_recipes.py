@@ -184,6 +184,34 @@ pretrain:
     assert summary["resumed_from"] == "checkpoint-3" and summary["final_metrics"]["global_step"] == 6
 
 
+def test_a_stage_with_launch_runs_through_accelerate_launch(tmp_path, monkeypatch):
+    """Two CPU processes over gloo (`--multi_gpu` is accelerate's name for DDP, GPUs or not)."""
+    from test_pretrain import free_port
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    write_tiny_data(tmp_path)
+    Path("r.yaml").write_text(f"""\
+output_dir: out
+pretrain:
+  launch: {{multi_gpu: true, num_processes: 2, main_process_port: {free_port()}}}
+  train_file: corpus.txt
+  preset: tiny
+  vocab_size: 300
+  block_size: 64
+  max_steps: 2
+  num_samples: 0
+  torch_compile: false
+{TRAINING}""")
+    assert main(["r.yaml"]) == 0
+    record = files.read_json(tmp_path / "out/pretrain/recipe_stage.json")
+    assert record["complete"] and record["commands"][0].startswith(
+        "accelerate launch --multi_gpu --num_processes 2 --main_process_port ")
+    assert " -m hfgpt.cli pretrain --train_file corpus.txt " in record["commands"][0]
+    summary = files.read_json(tmp_path / "out/pretrain/training_summary.json")
+    assert summary["hyperparameters"]["world_size"] == 2 and summary["hyperparameters"]["global_batch_size"] == 8
+
+
 # --- bad input: stopped before anything is written or trained, naming the file and line ---------------------------
 
 GOOD_PRETRAIN = "pretrain:\n  train_file: corpus.txt\n  preset: tiny\n"
