@@ -11,8 +11,9 @@ DDP, whatever the config says; no option changes that. PyTorch does not need the
 process group on CPU tensors, and accelerate's FSDP2 code (wrapping each `HFGPTBlock`, sharded checkpoints through
 torch.distributed.checkpoint, gathering the full state dict) has nothing device-specific in it. So
 `CpuShardingMixin` sets the accelerator state to FSDP where accelerate left it at MULTI_CPU, and from then on the
-CPU run takes exactly the code path a GPU run takes. FSDP1 (`fsdp_version: 1`) is not promoted: it is the legacy
-API, and on CPU processes it stays plain data parallel, with the warning of `warn_if_sharding_is_ignored`.
+CPU run takes exactly the code path a GPU run takes. FSDP1 (`fsdp_version: 1`, the legacy API) is not promoted:
+accelerate cannot even build its plugin on CPU processes with `cpu_ram_efficient_loading`, and without it trains them
+as plain data parallel, which `warn_if_sharding_is_ignored` reports.
 
 `CpuShardingMixin` also saves a sharded model under its own class: `fully_shard` gives the model a new class
 (`FSDPHFGPTForCausalLM`, defined inside torch), which `save_pretrained` would otherwise write into config.json's
