@@ -70,7 +70,8 @@ RUNNER_FIELDS = {
 }
 # fields that name data files the stage reads: checked before training, fingerprinted into the stage's record
 DATA_FILE_FIELDS = ("train_file", "validation_file", "eval_prompts_file", "file", "prompts_file", "predictions_file")
-MODEL_FIELDS = ("model_name_or_path", "model_dir")  # where a stage reads its model (card and push: model_dir)
+_FILE_ROLES = {"train_file": "training", "validation_file": "validation", "eval_prompts_file": "evaluation prompts",
+               "file": "evaluation", "prompts_file": "prompts", "predictions_file": "predictions"}
 TOKENIZER_FIELDS = ("train_file", "validation_file", "dataset_name", "dataset_config_name", "text_column", "sample_by",
                     "validation_split_percentage", "preset", "vocab_size", "tokenizer_max_chars",
                     "default_corpus_max_chars")
@@ -740,10 +741,10 @@ def _check_data_files(invocation: Invocation, made: set[str]) -> None:
             continue
         paths = [path for path in split_file_list(value if isinstance(value, list) else [value]) if path not in made]
         try:
-            expand_data_files(paths, name.replace("_", " ").replace(" file", ""))
+            expand_data_files(paths, _FILE_ROLES[name])
         except FileNotFoundError as error:
-            raise RecipeError(f"{invocation.where(*invocation.keys, name)}: {name}: {error}"
-                              f"{_relative_hint(paths[0])}") from None
+            raise RecipeError(f"{invocation.where(*invocation.keys, name)}: {name}: {str(error).rstrip('.')}"
+                              f"{_relative_hint(paths[0])}.") from None
 
 
 def _check_launch(launch, where: str) -> None:
