@@ -47,7 +47,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,7 @@ class RecipeError(ValueError):
     """The recipe cannot run as written; the message names the file and line (or the --set override)."""
 
 
-# --- reading the YAML, with line numbers -------------------------------------------------------------------------------
+# --- reading the YAML, with line numbers ------------------------------------------------------------------------
 
 
 class Locations:
@@ -346,7 +346,7 @@ def tokenizer_main(argv: list[str]) -> int:
     return 0
 
 
-# --- checking one section against its command's parser -----------------------------------------------------------------
+# --- checking one section against its command's parser ----------------------------------------------------------
 
 
 def _parser_fields(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -637,7 +637,9 @@ def _plan_data(section, data_dir: Path, where: Locations, variables: dict) -> li
 
 
 def _relative_hint(path) -> str:
-    return "" if Path(str(path)).is_absolute() else f" (relative paths are read from the current directory, {Path.cwd()})"
+    if Path(str(path)).is_absolute():
+        return ""
+    return f" (relative paths are read from the current directory, {Path.cwd()})"
 
 
 def _plan_stage(name: str, section: dict, stage_dir: Path, previous_model: Path | None, tokenizer_dir: Path | None,
