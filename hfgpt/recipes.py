@@ -564,7 +564,7 @@ def plan_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Plan:
     variables.update({f"data.{item.name}": str(item.path) for item in data})
     made = {str(item.path) for item in data}
 
-    stages, previous_model, tokenizer_dir = [], None, None
+    stages, previous_model, tokenizer_dir, earlier_models = [], None, None, []
     for name in present:
         section = recipe[name]
         if section is None:
@@ -575,16 +575,17 @@ def plan_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Plan:
         section = _substitute(section, variables, where(name))
         stage_dir = output_dir / name
         if name == "eval":
-            stage = _plan_eval(section, stage_dir, previous_model, where, output_dir)
+            stage = _plan_eval(section, stage_dir, previous_model, where, output_dir, earlier_models)
         else:
             pretrain = _substitute(dict(recipe.get("pretrain") or {}), variables, where("pretrain"))
             stage = _plan_stage(name, section, stage_dir, previous_model, tokenizer_dir, where, output_dir,
-                                pretrain if name == "tokenizer" else None)
+                                pretrain if name == "tokenizer" else None, earlier_models)
         for invocation in stage.invocations:
             _check_data_files(invocation, made)
         stages.append(stage)
         if name in MODEL_STAGES:
             previous_model = stage_dir
+            earlier_models.append(stage_dir)
         if name == "tokenizer":
             tokenizer_dir = stage_dir
     return Plan(Path(path), digest, output_dir, data, stages, where)
@@ -643,7 +644,8 @@ def _relative_hint(path) -> str:
 
 
 def _plan_stage(name: str, section: dict, stage_dir: Path, previous_model: Path | None, tokenizer_dir: Path | None,
-                where: Locations, output_dir: Path, pretrain_section: dict | None) -> Stage:
+                where: Locations, output_dir: Path, pretrain_section: dict | None,
+                earlier_models: Sequence[Path]) -> Stage:
     section = dict(section)
     launch = section.pop(LAUNCH_KEY, None)
     if launch is not None:
@@ -678,7 +680,7 @@ def _plan_stage(name: str, section: dict, stage_dir: Path, previous_model: Path 
                                   f"makes one, so set {model_field} (a model directory or a Hub id).")
             runner[model_field] = str(previous_model)
         else:
-            _check_model(str(section[model_field]), where(name, model_field), output_dir)
+            _check_model(str(section[model_field]), where(name, model_field), output_dir, earlier_models)
     model_dir = stage_dir if name in MODEL_STAGES else None
     if name in ("card", "push"):
         model_dir = Path(section.get("model_dir") or runner["model_dir"])
@@ -691,7 +693,8 @@ def _plan_stage(name: str, section: dict, stage_dir: Path, previous_model: Path 
     return Stage(name, stage_dir, [invocation], {}, launch, model_dir)
 
 
-def _plan_eval(section, stage_dir: Path, previous_model: Path | None, where: Locations, output_dir: Path) -> Stage:
+def _plan_eval(section, stage_dir: Path, previous_model: Path | None, where: Locations, output_dir: Path,
+               earlier_models: Sequence[Path]) -> Stage:
     """eval: {perplexity: {...}, rouge: [{...}, {...}], classification: {...}}: each entry one `hfgpt eval` call, on
     the recipe's last model unless it names model_name_or_path."""
     if not isinstance(section, dict) or not section:
@@ -714,24 +717,24 @@ def _plan_eval(section, stage_dir: Path, previous_model: Path | None, where: Loc
                                       "so set model_name_or_path.")
                 entry["model_name_or_path"] = str(previous_model)
             else:
-                _check_model(str(entry["model_name_or_path"]), where(*keys, "model_name_or_path"), output_dir)
+                _check_model(str(entry["model_name_or_path"]), where(*keys, "model_name_or_path"), output_dir,
+                             earlier_models)
             invocations.append(build_invocation(stage_command("eval", evaluation), entry, where, keys))
     return Stage("eval", stage_dir, invocations, {}, None, previous_model)
 
 
-def _check_model(value: str, where: str, output_dir: Path) -> None:
+def _check_model(value: str, where: str, output_dir: Path, earlier: Sequence[Path]) -> None:
     """A model named in the recipe must exist, be made by an earlier stage, or look like a Hub id."""
     path = Path(value)
-    if path.exists():
+    if path.exists() or path.resolve() in {model.resolve() for model in earlier}:
         return
     inside = output_dir.resolve() in path.resolve().parents
-    if inside and path.parent.resolve() == output_dir.resolve() and path.name in MODEL_STAGES:
-        return  # an earlier stage's directory (ordering is checked: only earlier stages appear before this one)
     hub_like = re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", value) and not Path(value.split("/")[0]).exists()
     if hub_like and not inside:
         return
-    raise RecipeError(f"{where}: model {value} does not exist{_relative_hint(value)}; name a model directory, an "
-                      "earlier stage's (${output_dir}/pretrain, ...) or a Hub id.")
+    made = ", ".join(str(model) for model in earlier) or "none"
+    raise RecipeError(f"{where}: model {value} does not exist{_relative_hint(value)}, and no earlier stage of the "
+                      f"recipe makes it (they make: {made}); name a model directory, an earlier stage's, or a Hub id.")
 
 
 def _check_data_files(invocation: Invocation, made: set[str]) -> None:
@@ -943,9 +946,9 @@ def _decide(stage: Stage, record: dict | None, key: dict, rerun_from: str | None
 
         checkpoint = last_complete_checkpoint(stage.output_dir)
         if checkpoint is not None:
-            print(f"\n[{stage.name}] interrupted last time: resuming from {checkpoint}.")
+            print(f"\n[{stage.name}] did not complete last time: resuming from {checkpoint}.")
             return "resume", ["--resume_from_checkpoint", "true"]
-        print(f"\n[{stage.name}] interrupted last time before its first checkpoint: starting it again.")
+        print(f"\n[{stage.name}] did not complete last time, and saved no checkpoint: starting it again.")
     return "rerun", overwrite
 
 
@@ -1171,6 +1174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RecipeError as error:
         print(f"hfgpt run: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # between stages, or while the data files are made
+        print(f"\nhfgpt run: interrupted. Run `hfgpt run {args.recipe}` again to continue: complete stages are "
+              "skipped.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -177,7 +177,7 @@ pretrain:
     assert not (tmp_path / "out/pretrain/model.safetensors").exists()
 
     assert main(["tiny.yaml"]) == 0
-    assert "[pretrain] interrupted last time: resuming from out/pretrain/checkpoint-3." in capsys.readouterr().out
+    assert "[pretrain] did not complete last time: resuming from out/pretrain/checkpoint-3." in capsys.readouterr().out
     assert statuses(tmp_path / "out") == {"pretrain": "resumed", "card": "ran"}
     summary = files.read_json(tmp_path / "out/pretrain/training_summary.json")
     assert summary["resumed_from"] == "checkpoint-3" and summary["final_metrics"]["global_step"] == 6
@@ -234,6 +234,9 @@ BAD_RECIPES = {
                             "validation_file: These validation files cannot be read: missing.txt (not found)"),
     "a field the runner sets": (GOOD_PRETRAIN + "  output_dir: elsewhere\n", 4, "output_dir is set by the recipe "
                                                                                "runner"),
+    "a stage the recipe lacks": ("output_dir: out\n" + GOOD_PRETRAIN + "eval:\n  perplexity: {model_name_or_path: "
+                                 "out/sft, file: corpus.txt}\n", 6, "no earlier stage of the recipe makes it (they "
+                                                                     "make: out/pretrain)"),
     "stages out of order": ("sft:\n  model_name_or_path: x/y\n" + GOOD_PRETRAIN, 1, "stages run in the order"),
     "a key twice": (GOOD_PRETRAIN + "  preset: mini\n", 4, "'preset' is given twice (also at line 3)"),
     "not YAML": (GOOD_PRETRAIN + "  preset: [tiny\n", 5, "not valid YAML"),
