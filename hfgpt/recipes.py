@@ -401,16 +401,26 @@ def check_field(name: str, value, action: argparse.Action, where: str):
         try:
             converted = action.type(token) if action.type else token
         except (ValueError, TypeError, argparse.ArgumentTypeError):
+            _check_not_yaml_boolean(name, value, action, where)
             kind = getattr(action.type, "__name__", "value")
             kind = {"string_to_bool": "true or false", "<lambda>": "one of the choices"}.get(kind, kind)
             raise RecipeError(f"{where}: {name}: {token!r} is not a valid {kind}"
                               + (f" (choices: {', '.join(map(str, action.choices))})" if action.choices else "")
                               + ".") from None
         if action.choices is not None and converted not in action.choices:
+            _check_not_yaml_boolean(name, value, action, where)
             raise RecipeError(f"{where}: {name}: {token!r} is not one of {', '.join(map(str, action.choices))}"
                               f"{_suggest(token, [str(choice) for choice in action.choices])}.")
         parsed.append(converted)
     return tokens, _json_safe(parsed if is_list else parsed[0])
+
+
+def _check_not_yaml_boolean(name: str, value, action: argparse.Action, where: str) -> None:
+    """`eval_strategy: no` is false to YAML (1.1 reads yes/no/on/off as booleans): say so, not 'false is invalid'."""
+    if isinstance(value, bool):
+        raise RecipeError(f"{where}: {name}: YAML reads this value as {str(value).lower()}; put it in quotes (e.g. "
+                          "\"no\")" + (f", one of {', '.join(map(str, action.choices))}" if action.choices else "")
+                          + ".")
 
 
 @dataclass

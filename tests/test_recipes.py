@@ -223,6 +223,8 @@ BAD_RECIPES = {
                                   "(did you mean 'license'?). Allowed: language, license, model_dir, model_id"),
     "wrong type": (GOOD_PRETRAIN + "  learning_rate: fast\n", 4, "learning_rate: 'fast' is not a valid float"),
     "not a choice": (GOOD_PRETRAIN + "  lr_scheduler_type: cosin\n", 4, "is not one of linear, cosine"),
+    "YAML's no": (GOOD_PRETRAIN + "  eval_strategy: no\n", 4, "eval_strategy: YAML reads this value as false; put "
+                                                              "it in quotes (e.g. \"no\"), one of no, steps, epoch"),
     "not a bool": (GOOD_PRETRAIN + "  streaming: maybe\n", 4, "streaming: 'maybe' is not a valid true or false"),
     "a list for one value": (GOOD_PRETRAIN + "  learning_rate: [0.1, 0.2]\n", 4, "takes one value, not a list"),
     "the dataclass's own check": (GOOD_PRETRAIN + "  vocab_size: 300\n  tokenizer_name_or_path: tok\n", 4,
