@@ -51,7 +51,7 @@ from ..docs_smoke import scale_down
 from ..data.sources import SAMPLE_BY, VALIDATION_SPLIT, DataError
 from ..generation import generate
 from ..hub import finish_model_dir
-from .sharding import CpuShardingMixin
+from .sharding import CpuShardingMixin, reshard
 from .speed import SpeedArguments, SpeedMixin, uncompile
 from .common import (
     MatrixWeightDecayMixin,
@@ -406,6 +406,11 @@ def train_and_save(run: PretrainingRun) -> dict:
     uncompile(trainer.model)  # sample generation below has other shapes than the training blocks
 
     save_final_model(trainer, output_dir)
+    samples = []
+    if args.num_samples > 0:  # on every process: each forward of a sharded (FSDP) model gathers it from all of them
+        samples = sample_generations(trainer.model, run.tokenizer, [""] * args.num_samples,
+                                     args.sample_max_new_tokens, training_args.seed)
+        reshard(trainer.model)
     if training_args.process_index == 0:
         hyperparameters = training_arguments_summary(training_args)
         write_training_summary(output_dir, {
@@ -417,10 +422,9 @@ def train_and_save(run: PretrainingRun) -> dict:
             "final_metrics": {key: value for key, value in metrics.items() if isinstance(value, (int, float))},
         })
         _report(metrics)
-        if args.num_samples > 0:
+        if samples:
             print("\nSample generations (top-k 50, temperature 0.8):")
-            for text in sample_generations(trainer.model, run.tokenizer, [""] * args.num_samples,
-                                           args.sample_max_new_tokens, training_args.seed):
+            for text in samples:
                 print("  ---\n  " + text.strip().replace("\n", "\n  "))
         finish_model_dir(output_dir, push_to_hub=training_args.push_to_hub, hub_model_id=training_args.hub_model_id,
                          hub_token=training_args.hub_token, hub_private_repo=training_args.hub_private_repo)

@@ -71,6 +71,17 @@ def unsharded_class(model: nn.Module) -> type:
     return next(base for base in cls.__bases__ if not issubclass(base, FSDPModule))
 
 
+def reshard(model: nn.Module) -> None:
+    """Free the full weights that units of a sharded model keep gathered after a forward pass: FSDP2 leaves the root
+    unsharded, and accelerate the unit of the output layer, for the backward that follows in training; after
+    inference none follows."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 class CpuShardingMixin:
     """Put before a Trainer class (`class T(SpeedMixin, CpuShardingMixin, ..., Trainer)`): FSDP2 runs on CPU
     processes as on GPUs (see the module docstring), and a sharded model saves like an unsharded one."""
@@ -108,4 +119,4 @@ class CpuShardingMixin:
             model.__class__ = sharded_class
 
 
-__all__ = ["CpuShardingMixin", "fsdp_requested", "promote_cpu_processes_to_fsdp", "unsharded_class"]
+__all__ = ["CpuShardingMixin", "fsdp_requested", "promote_cpu_processes_to_fsdp", "reshard", "unsharded_class"]
