@@ -133,9 +133,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="Size of the BPE trained on the text (small: quick to train; the model's vocabulary "
                              "is --vocab_size).")
     parser.add_argument("--port", type=int, default=29531)
-    args = parser.parse_args(argv)
-
     from hfgpt import HFGPTConfig
+    from hfgpt.docs_smoke import scale_down
+
+    args = scale_down("bench/fsdp_memory.py", parser.parse_args(argv))  # the docs' tests: parse only
 
     vocab_size = args.vocab_size or HFGPTConfig.from_preset(args.preset).vocab_size
     results = {}

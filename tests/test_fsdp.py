@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hfgpt import HFGPTForCausalLM, files
+from hfgpt import HFGPTConfig, HFGPTForCausalLM, files
 from hfgpt.training.common import checkpoint_dirs
 from hfgpt.training.pretrain import parse_args, run_pretraining
 from test_alignment import instruction_rows, write_jsonl
@@ -206,3 +206,26 @@ def test_sharded_sft_follows_the_single_process(runs, tmp_path):
     assert len(logged(tmp_path / "sharded")) == 3
     assert [path.name for path in (tmp_path / "sharded").glob("*.safetensors")] == ["model.safetensors"]
     HFGPTForCausalLM.from_pretrained(tmp_path / "sharded")
+
+
+def test_memory_bench_each_process_holds_half_of_the_state(tmp_path, corpus_file):  # noqa: F811
+    """bench/fsdp_memory.py end to end at the tiny shape (its numbers are for the gpt2 shape, docs/distributed.md):
+    the two FSDP2 processes together hold what each DDP process holds, parameters, gradients and AdamW state."""
+    command = [sys.executable, str(REPO / "bench" / "fsdp_memory.py"), "--preset", "tiny", "--train_file",
+               corpus_file, "--block_size", "32", "--max_steps", "2", "--tokenizer_vocab_size", "300",
+               "--port", str(free_port())]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=2 * LAUNCH_TIMEOUT, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    reports = {line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines()
+               if line.startswith(("DDP [", "FSDP2 ["))}
+    assert [report["distributed_type"] for report in reports["FSDP2"]] == ["FSDP", "FSDP"]
+    assert [report["distributed_type"] for report in reports["DDP"]] == ["MULTI_CPU", "MULTI_CPU"]
+    for key in ("parameters", "gradients", "optimizer"):
+        ddp = reports["DDP"][0][key]
+        assert reports["DDP"][1][key] == ddp > 0
+        # AdamW's `step` counters are whole (not sharded) tensors on every process: 4 bytes per parameter tensor
+        extra = 4 * len(list(HFGPTForCausalLM(HFGPTConfig.from_preset("tiny")).parameters())) if key == "optimizer" \
+            else 0
+        assert sum(report[key] for report in reports["FSDP2"]) == ddp + extra, key
+    assert "FSDP2 / DDP per process: parameters + gradients + optimizer 0.50x" in done.stdout
