@@ -90,6 +90,12 @@ class CpuShardingMixin:
         super().create_accelerator_and_postprocess()
         if promote_cpu_processes_to_fsdp(self.accelerator, self.args):
             self.is_fsdp_enabled = True
+        if self.is_fsdp_enabled and getattr(self.model, "peft_config", None):
+            # tried on 2 CPU processes: training runs, then hfgpt's adapter saving (PEFT's save_pretrained on the
+            # sharded DTensors) fails; refused before the training it would waste
+            raise ValueError("--lora / --qlora with FSDP: hfgpt cannot save the adapter of a sharded model yet. "
+                             "Train the adapter with train/accelerate/ddp.yaml (its trainable weights are small), "
+                             "or fine-tune all weights under FSDP (no --lora).")
 
     def save_model(self, output_dir=None, _internal_call=False):
         super().save_model(output_dir, _internal_call)
