@@ -75,10 +75,12 @@ def scale_down(prog: str, *parsed):
 
 def _cap(arguments) -> None:
     for name, limit in SMOKE_LIMITS.items():
-        value = getattr(arguments, name, None)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if value < 0 or value > limit:  # max_steps=-1 means "train the epochs": more than the cap
-                setattr(arguments, name, limit)
+        if not hasattr(arguments, name):
+            continue
+        value = getattr(arguments, name)
+        # None ("all of it") and max_steps=-1 ("train the epochs") are more than the cap
+        if value is None or (not isinstance(value, bool) and (value < 0 or value > limit)):
+            setattr(arguments, name, limit)
     preset = getattr(arguments, "preset", None)
     if isinstance(preset, str) and hasattr(arguments, "config_overrides"):
         _tiny_preset(arguments, preset)

@@ -71,3 +71,14 @@ def test_version(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == (f"hfgpt {hfgpt.__version__} (torch {torch.__version__}, "
                                                f"transformers {transformers.__version__})")
+
+
+def test_help_lists_every_command_with_a_line_and_points_to_the_docs(capsys):
+    from hfgpt.cli import COMMANDS, DOCS, main
+
+    assert main(["--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name, (_, _, help_) in COMMANDS.items():
+        assert any(line.split()[:1] == [name] and help_ in line for line in lines), name
+    pointer = [line for line in lines if line.startswith("documentation: ")]
+    assert pointer and str(DOCS) in pointer[0] and DOCS.is_file()
