@@ -56,7 +56,7 @@ from .common import (
     training_data_record,
     write_training_summary,
 )
-from .sharding import CpuShardingMixin
+from .sharding import ShardingMixin
 from .speed import SpeedArguments, SpeedMixin, uncompile
 
 logger = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class HFGPTDPOConfig(CheckpointingByDefault, SpeedArguments, trl.DPOConfig):
             )
 
 
-class SFTTrainer(SpeedMixin, CpuShardingMixin, ResumeMixin, MatrixWeightDecayMixin, trl.SFTTrainer):
+class SFTTrainer(SpeedMixin, ShardingMixin, ResumeMixin, MatrixWeightDecayMixin, trl.SFTTrainer):
     """TRL's SFTTrainer with hfgpt's weight-decay rule (matrices only), tokens/s and MFU in its logs, and FSDP2 on CPU
     processes as on GPUs."""
 

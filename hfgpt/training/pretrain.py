@@ -51,7 +51,7 @@ from ..docs_smoke import scale_down
 from ..data.sources import SAMPLE_BY, VALIDATION_SPLIT, DataError
 from ..generation import generate
 from ..hub import finish_model_dir
-from .sharding import CpuShardingMixin, reshard
+from .sharding import ShardingMixin, reshard
 from .speed import SpeedArguments, SpeedMixin, uncompile
 from .common import (
     MatrixWeightDecayMixin,
@@ -287,7 +287,7 @@ def load_training_rows(args: PretrainArguments):
     return raw, {"dataset": DEFAULT_CORPUS_DESCRIPTION}
 
 
-class PretrainingTrainer(SpeedMixin, CpuShardingMixin, ResumeMixin, MatrixWeightDecayMixin, PerplexityMixin, Trainer):
+class PretrainingTrainer(SpeedMixin, ShardingMixin, ResumeMixin, MatrixWeightDecayMixin, PerplexityMixin, Trainer):
     """Trainer with weight decay on matrices only, perplexity at every evaluation, tokens/s and MFU in every log, and
     FSDP2 on CPU processes as on GPUs."""
 

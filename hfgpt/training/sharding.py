@@ -10,12 +10,12 @@ FSDP config into `DistributedType.FSDP` for MULTI_GPU/XPU/NPU/... and leaves CPU
 DDP, whatever the config says; no option changes that. PyTorch does not need the GPU: `fully_shard` shards over a gloo
 process group on CPU tensors, and accelerate's FSDP2 code (wrapping each `HFGPTBlock`, sharded checkpoints through
 torch.distributed.checkpoint, gathering the full state dict) has nothing device-specific in it. So
-`CpuShardingMixin` sets the accelerator state to FSDP where accelerate left it at MULTI_CPU, and from then on the
+`ShardingMixin` sets the accelerator state to FSDP where accelerate left it at MULTI_CPU, and from then on the
 CPU run takes exactly the code path a GPU run takes. FSDP1 (`fsdp_version: 1`, the legacy API) is not promoted:
 accelerate cannot even build its plugin on CPU processes with `cpu_ram_efficient_loading`, and without it trains them
 as plain data parallel, which `warn_if_sharding_is_ignored` reports.
 
-`CpuShardingMixin` also saves a sharded model under its own class: `fully_shard` gives the model a new class
+`ShardingMixin` also saves a sharded model under its own class: `fully_shard` gives the model a new class
 (`FSDPHFGPTForCausalLM`, defined inside torch), which `save_pretrained` would otherwise write into config.json's
 auto_map, copying torch's FSDP sources next to the model; and the gathered state dict holds the tied output layer a
 second time. Both happen on GPUs as well.
@@ -82,9 +82,10 @@ def reshard(model: nn.Module) -> None:
             module.reshard()
 
 
-class CpuShardingMixin:
-    """Put before a Trainer class (`class T(SpeedMixin, CpuShardingMixin, ..., Trainer)`): FSDP2 runs on CPU
-    processes as on GPUs (see the module docstring), and a sharded model saves like an unsharded one."""
+class ShardingMixin:
+    """Put before a Trainer class (`class T(SpeedMixin, ShardingMixin, ..., Trainer)`): FSDP2 runs on CPU processes
+    as on GPUs (see the module docstring); on either, a sharded model saves like an unsharded one, its checkpoints
+    hold the config and tokenizer, and an adapter (LoRA), which hfgpt cannot save sharded yet, is refused."""
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
@@ -125,4 +126,4 @@ class CpuShardingMixin:
             model.__class__ = sharded_class
 
 
-__all__ = ["CpuShardingMixin", "fsdp_requested", "promote_cpu_processes_to_fsdp", "reshard", "unsharded_class"]
+__all__ = ["ShardingMixin", "fsdp_requested", "promote_cpu_processes_to_fsdp", "reshard", "unsharded_class"]
