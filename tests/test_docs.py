@@ -11,6 +11,7 @@ Plus: the site builds with `mkdocs build --strict`, and every relative link of t
 
 import ast
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from hfgpt.docs_smoke import ENV, ArgumentsParsed
 
@@ -87,57 +89,67 @@ def smoke_environment() -> dict:
 
 
 class Page:
-    """A page's working directory and which of its blocks ran; blocks run in page order, each at most once."""
+    """A page's working directory, shared by the pytest-xdist workers: its blocks run in page order, each once.
+
+    Whichever worker gets a block runs the page's earlier blocks that have not run yet, holding the page's lock, and
+    records in the directory what ran (and what failed), so a worker that gets a later block of the same page waits
+    for the lock and then finds them done.
+    """
 
     def __init__(self, page: Path, root: Path):
         self.blocks = [block for block in BLOCKS if block.page == page and block.not_run is None]
-        self.directory = root / "work"
-        self.directory.mkdir()
-        (root / "shared").symlink_to(SHARED, target_is_directory=True)
-        for folder in REPO_FOLDERS:
-            (self.directory / folder).symlink_to(REPO / folder, target_is_directory=True)
-        self.done: set[int] = set()
-        self.failed: str | None = None
+        slug = re.sub(r"\W+", "-", str(page.relative_to(REPO)))
+        self.root = root / slug
+        self.directory = self.root / "work"  # ../shared beside it, as beside the repository
+        self.lock = FileLock(str(root / f"{slug}.lock"))
+        self.state = self.root / "state.json"
 
-    def run_through(self, block: Block) -> subprocess.CompletedProcess:
-        for earlier in self.blocks[: self.blocks.index(block)]:
-            if earlier.line not in self.done:
-                self._run_or_fail(earlier, f"an earlier block of the page, {earlier.name}, fails")
-        return self._run_or_fail(block, None)
+    def run_through(self, block: Block) -> None:
+        with self.lock:
+            if not self.directory.is_dir():
+                self.directory.mkdir(parents=True)
+                (self.root / "shared").symlink_to(SHARED, target_is_directory=True)
+                for folder in REPO_FOLDERS:
+                    (self.directory / folder).symlink_to(REPO / folder, target_is_directory=True)
+            state = json.loads(self.state.read_text()) if self.state.is_file() else {"done": [], "failed": None}
+            try:
+                for earlier in self.blocks[: self.blocks.index(block) + 1]:
+                    if earlier.line not in state["done"]:
+                        if state["failed"]:
+                            pytest.skip(f"an earlier block of the page, {state['failed']}, failed")
+                        state["done"].append(earlier.line)
+                        error = self._run(earlier)
+                        if error:
+                            state["failed"] = earlier.name
+                            because = "" if earlier is block else f"an earlier block of the page, {earlier.name}, fails: "
+                            pytest.fail(because + error, pytrace=False)
+            finally:
+                self.state.write_text(json.dumps(state))
 
-    def _run_or_fail(self, block: Block, because: str | None) -> subprocess.CompletedProcess:
-        if self.failed:
-            pytest.skip(f"an earlier block of the page, {self.failed}, failed")
-        script = self.directory.parent / f"block_{block.line}.{'sh' if block.language == 'bash' else 'py'}"
+    def _run(self, block: Block) -> str | None:
+        """Run one block; what went wrong, or None."""
+        script = self.root / f"block_{block.line}.{'sh' if block.language == 'bash' else 'py'}"
         script.write_text(block.code, encoding="utf-8")
         command = ["bash", "-e", "-o", "pipefail", str(script)] if block.language == "bash" else [sys.executable,
                                                                                                    str(script)]
-        self.done.add(block.line)
         try:
             done = subprocess.run(command, cwd=self.directory, env=smoke_environment(), capture_output=True,
                                   text=True, timeout=BLOCK_TIMEOUT, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired as timeout:
-            self.failed = block.name
-            pytest.fail(f"{because + ': ' if because else ''}{block.name} ran past {BLOCK_TIMEOUT} s:\n{block.code}\n"
-                        f"{str(timeout.stderr or '')[-3000:]}", pytrace=False)
+            return f"{block.name} ran past {BLOCK_TIMEOUT} s:\n{block.code}\n{str(timeout.stderr or '')[-3000:]}"
         if done.returncode != 0:
-            self.failed = block.name
             output = (done.stdout[-3000:] + "\n--- stderr ---\n" + done.stderr[-6000:]).strip()
-            pytest.fail(f"{because + ': ' if because else ''}{block.name} exited with {done.returncode}:\n"
-                        f"{block.code}\n{output}", pytrace=False)
-        return done
+            return f"{block.name} exited with {done.returncode}:\n{block.code}\n{output}"
+        return None
 
 
 @pytest.fixture(scope="session")
 def pages(tmp_path_factory):
-    opened: dict[Path, Page] = {}
-
-    def page(path: Path) -> Page:
-        if path not in opened:
-            opened[path] = Page(path, tmp_path_factory.mktemp(path.stem))
-        return opened[path]
-
-    return page
+    # one directory for the whole run, which every xdist worker sees (each worker's own basetemp is inside it)
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "docs-pages"
+    root.mkdir(exist_ok=True)
+    return lambda path: Page(path, root)
 
 
 def missing_imports(code: str) -> list[str]:
@@ -150,8 +162,7 @@ def missing_imports(code: str) -> list[str]:
     return sorted(module for module in modules if importlib.util.find_spec(module) is None)
 
 
-RUN = [pytest.param(block, id=block.name, marks=pytest.mark.xdist_group(str(block.page.relative_to(REPO))))
-       for block in BLOCKS if block.not_run is None]
+RUN = [pytest.param(block, id=block.name) for block in BLOCKS if block.not_run is None]
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"the guides' data, {SHARED}, is not beside the repository")
