@@ -135,6 +135,46 @@ def test_tiny_recipe_end_to_end_then_skip_then_rerun_what_changed(tmp_path, monk
     assert [stage for stage, status in statuses(out).items() if status == "ran"] == ["eval", "card"]
 
 
+def test_a_classifier_recipe_pretrain_classify_eval_card(tmp_path, monkeypatch):
+    """recipes/spam.yaml's shape, tiny: pretrain on the texts, classify, the held-out scores, the classifier's card."""
+    monkeypatch.chdir(tmp_path)
+    with open("messages.tsv", "w") as handle:
+        handle.write("label\ttext\n")
+        for i in range(80):
+            handle.write(f"spam\tWIN a FREE prize {i} call now\n" if i % 4 == 0 else
+                         f"ham\tsee you at the {COLOURS[i % 6]} house at {i % 12} o'clock\n")
+    Path("spam.yaml").write_text(f"""\
+output_dir: out
+data:
+  train: {{from: messages.tsv, rows: ":-20%"}}
+  held_out: {{from: messages.tsv, rows: "-20%:"}}
+pretrain:
+  train_file: ${{data.train}}
+  preset: tiny
+  vocab_size: 300
+  validation_split_percentage: 0
+  max_steps: 2
+  num_samples: 0
+  torch_compile: false
+{TRAINING}classify:
+  train_file: ${{data.train}}
+  validation_file: ${{data.held_out}}
+  class_names: ham,spam
+  max_steps: 2
+  class_weights: balanced
+{TRAINING}eval:
+  classification: {{file: "${{data.held_out}}", average: binary}}
+card: {{}}
+""")
+    assert main(["spam.yaml"]) == 0
+    rows = {row["stage"]: row for row in files.read_json(tmp_path / "out" / "summary.json")["stages"]}
+    assert [row["status"] for row in rows.values()] == ["ran"] * 4
+    assert rows["classify"]["metrics"]["classification"]["num_examples"] == 16  # the last 20% of 80
+    scores = rows["eval"]["metrics"]["classify: classification@held_out.jsonl"]
+    assert 0 <= scores["f1"] <= 1 and scores["num_examples"] == 16
+    assert "Text Classification" in (tmp_path / "out" / "classify" / "README.md").read_text()
+
+
 KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
     from transformers import TrainerCallback
