@@ -140,7 +140,17 @@ class Page:
         if done.returncode != 0:
             output = (done.stdout[-3000:] + "\n--- stderr ---\n" + done.stderr[-6000:]).strip()
             return f"{block.name} exited with {done.returncode}:\n{block.code}\n{output}"
+        # a new user following the docs meets no traceback and no Python warning (issue #27): each one is either
+        # fixed or, when a dependency prints it and the user cannot act on it, kept out by hfgpt/quiet.py
+        noise = [line for line in (done.stdout + done.stderr).splitlines()
+                 if line.startswith("Traceback (most recent call last)") or PYTHON_WARNING.search(line)]
+        if noise:
+            return f"{block.name} printed what a user cannot act on:\n" + "\n".join(noise[:10])
         return None
+
+
+# how Python's warnings module prints a warning: 'path.py:12: FutureWarning: ...'
+PYTHON_WARNING = re.compile(r"\.py:\d+: \w*Warning: ")
 
 
 @pytest.fixture(scope="session")
