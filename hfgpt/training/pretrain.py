@@ -47,8 +47,8 @@ from ..data import (
 )
 from ..data.default_corpus import DESCRIPTION as DEFAULT_CORPUS_DESCRIPTION
 from ..data.default_corpus import default_corpus
-from ..docs_smoke import scale_down
 from ..data.sources import SAMPLE_BY, VALIDATION_SPLIT, DataError
+from ..docs_smoke import scale_down
 from ..generation import generate
 from ..hub import finish_model_dir
 from .sharding import ShardingMixin, reshard
