@@ -247,3 +247,39 @@ def test_a_mixture_of_experts_shards_by_block_and_follows_the_single_process(tmp
     assert logged(tmp_path / "moe-sharded") == pytest.approx(logged(single), rel=1e-5)
     model = HFGPTForCausalLM.from_pretrained(tmp_path / "moe-sharded")
     assert model.config.num_experts == 4
+
+
+# FSDP2 forwards, then the end of a script. Rank 0 lingers so that rank 1 waits in the final barrier, the timing under
+# which gloo's threads used to abort the exiting process (a 1-in-10 SIGABRT before end_distributed exited hard).
+END_OF_RUN = textwrap.dedent("""
+    import time, torch, torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from hfgpt.training.common import end_distributed
+
+    dist.init_process_group("gloo")
+    model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(3)])
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    with torch.no_grad():
+        model(torch.randn(2, 16))
+    if dist.get_rank() == 0:
+        time.sleep(0.3)
+    print(f"rank {dist.get_rank()} saved", flush=True)
+    end_distributed()
+    print("returned from end_distributed", flush=True)
+""")
+
+
+def test_end_distributed_ends_every_process_cleanly_after_the_barrier(tmp_path):
+    """What a script's last line does in a multi-process run: every rank passes the barrier, prints what it printed,
+    and ends with exit code 0 without returning into interpreter shutdown (where gloo's threads can abort it)."""
+    script = tmp_path / "end_of_run.py"
+    script.write_text(END_OF_RUN)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script)], capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
+                          cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdin=subprocess.DEVNULL)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "rank 0 saved" in output and "rank 1 saved" in output
+    assert "returned from end_distributed" not in output and "terminate called" not in output

@@ -422,19 +422,33 @@ def check_distributed_setup(args) -> None:
 
 
 def end_distributed() -> None:
-    """After a script's last save: wait until every process is done, then tear the process group down.
+    """After a script's last save in a multi-process run: wait until every process is done, tear the process group
+    down, and end this process at once (exit code 0) instead of returning. A single process returns untouched.
 
-    Left to the interpreter's exit, gloo's threads can abort a process that has already saved everything
-    ("terminate called without an active exception", seen once in CI on a two-process run), and the launcher then
-    reports the whole run as failed. The barrier first, because a process that destroys the group while another still
-    works (rank 0 writes the summary, the card, generations) has hung a run. Call it on success only: after an error,
-    the other processes may never reach the barrier, and the launcher stops them anyway.
+    Why the hard exit: gloo's worker threads drop their last collectives (the final barrier, which holds FSDP's last
+    all-gathers) a moment after the caller has seen them complete, and dropping a tensor that Python has seen takes
+    the GIL. If the interpreter is already finalizing by then, the thread is ended inside a C++ destructor and the
+    process aborts ("terminate called without an active exception", SIGABRT; the launcher then fails the whole run).
+    `destroy_process_group` cannot prevent it: FSDP's device mesh still holds the group, so its threads live on.
+    Reproduced in 2 of 20 two-process FSDP2 runs and seen in CI; the core dump shows the abort in
+    `AsyncBarrierWork::~AsyncBarrierWork` on a gloo thread while the main thread is in `Py_FinalizeEx`. Everything is
+    saved by then; streams and logging are flushed before leaving. The barrier comes first because a process that
+    destroys the group while another still works (rank 0 writes the summary, the card, generations) hangs the run.
+    Call it on success only: after an error the other processes may never reach the barrier, and the launcher stops
+    them anyway.
     """
+    import logging
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 def warn_if_sharding_is_ignored(trainer) -> None:
