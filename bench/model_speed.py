@@ -9,9 +9,10 @@ data and the optimizer Trainer uses by default (fused AdamW). Measured, as token
                    bf16 eager      both under torch.autocast(bfloat16), as Trainer's --bf16 runs them
                    hfgpt default   hfgpt as `hfgpt pretrain` trains it on this hardware: bf16 where the device computes
                                    it natively, torch.compile where a compiler is available (hfgpt.hardware)
-    generate bN  greedy decoding of N prompts (tokens = N * new tokens): GPT-2's `generate()` against hfgpt's
-                 compiled static-cache decoding (hfgpt.generation.generate), whose tokens are checked against hfgpt's
-                 own `generate()` and GPT-2's
+    generate bN  greedy decoding of N prompts (tokens = N * new tokens): GPT-2's `generate()` (fp32) against
+                 hfgpt's compiled static-cache decoding (hfgpt.generation.generate), whose tokens are checked against
+                 hfgpt's own `generate()` and GPT-2's, and against hfgpt with int8 weights (hfgpt.quantization, as
+                 `hfgpt chat --quantize int8` decodes), eager and compiled, whose tokens are compared with fp32's
     memory       peak resident memory (VmHWM) of a process during training steps, one fresh process per setting
 
 Runs alternate between the settings after a warm-up (which includes compilation; its time is printed), and the table
@@ -30,6 +31,7 @@ On a busy shared CPU, elapsed (wall) time mostly measures the other processes (c
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import statistics
 import subprocess
@@ -45,6 +47,7 @@ from hfgpt import HFGPTConfig, HFGPTForCausalLM, flops
 from hfgpt.convert.gpt2 import gpt2_config_from_hfgpt, gpt2_state_dict_from_hfgpt
 from hfgpt.generation import generate as compiled_generate
 from hfgpt.hardware import compiler_available, native_bf16
+from hfgpt.quantization import quantize_int8
 from hfgpt.training.speed import attention_for_compiled_training, compile_with_fallback
 
 GPT2_VOCAB = 50257
@@ -149,7 +152,8 @@ def greedy_inputs(vocab_size: int, batch: int, prompt_length: int, device) -> tu
 
 
 def generate_runner(model, compiled: bool, batch: int, prompt_length: int, new_tokens: int, device,
-                    outputs: dict) -> Callable[[], int]:
+                    outputs: dict, label: str) -> Callable[[], int]:
+    """Greedy decoding of `batch` prompts; the last output is kept in `outputs[label]` for the token checks."""
     input_ids, attention_mask = greedy_inputs(model.config.vocab_size, batch, prompt_length, device)
     model.eval()
     kwargs = dict(attention_mask=attention_mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -157,14 +161,16 @@ def generate_runner(model, compiled: bool, batch: int, prompt_length: int, new_t
 
     @torch.no_grad()
     def run() -> int:
-        if compiled:
-            output = compiled_generate(model, input_ids, compiled=True, **kwargs)
-        else:
-            output = model.generate(input_ids, **kwargs)
-        outputs[(type(model).__name__, compiled)] = output.cpu()
+        output = compiled_generate(model, input_ids, compiled=compiled, **kwargs)
+        outputs[label] = output.cpu()
         return batch * (output.shape[1] - prompt_length)
 
     return run
+
+
+def token_agreement(ours: torch.Tensor, reference: torch.Tensor, prompt_length: int) -> float:
+    """Fraction of generated positions where two greedy decodings chose the same token."""
+    return (ours[:, prompt_length:] == reference[:, prompt_length:]).float().mean().item()
 
 
 def measure(runners: dict[str, Callable[[], int]], repeats: int, warmup: int, min_seconds: float,
@@ -256,6 +262,44 @@ def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]], left: int 
             print("  ".join("-" * width for width in widths))
 
 
+# hfgpt's decoding settings, each against GPT-2's generate() in fp32: (label, quantized, compiled)
+DECODING = [("compiled", False, True), ("int8", True, False), ("int8 compiled", True, True)]
+
+
+def decoding_rows(models: dict, workload: Workload, device, clock) -> list[tuple[str, ...]]:
+    """Greedy decoding, hfgpt's settings against GPT-2's `generate()`. fp32 compiled must give exactly the tokens of
+    hfgpt's and GPT-2's `generate()`; int8 weights (hfgpt.quantization) change the logits slightly, so for them the
+    share of tokens equal to fp32's is printed instead (random weights make near-ties common: a trained model agrees
+    more, see bench/quantization.py)."""
+    int8 = quantize_int8(copy.deepcopy(models["hfgpt"]))
+    rows = []
+    for batch in workload.generate_batches:
+        outputs = {}
+        run = functools.partial(generate_runner, batch=batch, prompt_length=workload.prompt_length,
+                                new_tokens=workload.new_tokens, device=device, outputs=outputs)
+        runners = {"gpt2": run(models["gpt2"], False, label="gpt2")}
+        for label, quantized, compiled in DECODING:
+            runners[label] = run(int8 if quantized else models["hfgpt"], compiled, label=label)
+        rates, warmups = measure(runners, workload.repeats, workload.warmup, workload.min_seconds, clock, device)
+        run(models["hfgpt"], False, label="fp32")()  # hfgpt's own generate(), for the token checks
+        same_as_own = torch.equal(outputs["compiled"], outputs["fp32"])
+        same_as_gpt2 = torch.equal(outputs["compiled"], outputs["gpt2"])
+        gpt2_rate = statistics.median(rates["gpt2"])
+        for label, _, _ in DECODING:
+            per_repeat = [a / b for a, b in zip(rates[label], rates["gpt2"])]
+            rows.append((f"generate b{batch} {workload.prompt_length}+{workload.new_tokens}",
+                         f"{label} vs gpt2 fp32 generate()", f"{statistics.median(rates[label]):,.0f}",
+                         f"{gpt2_rate:,.0f}", f"{statistics.median(rates[label]) / gpt2_rate:.2f}",
+                         f"{min(per_repeat):.2f}-{max(per_repeat):.2f}"))
+        agreement = {label: token_agreement(outputs[label], outputs["fp32"], workload.prompt_length)
+                     for label in ("int8", "int8 compiled")}
+        print(f"  generate b{batch}: compiled warm-up {warmups['compiled']:.1f} s (int8 {warmups['int8 compiled']:.1f} "
+              f"s); fp32 compiled tokens identical to hfgpt's generate(): {same_as_own}, to GPT-2's generate(): "
+              f"{same_as_gpt2}; int8 tokens equal to fp32's: {agreement['int8']:.0%} (compiled "
+              f"{agreement['int8 compiled']:.0%})")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run: smaller batch, fewer repeats, no memory")
@@ -337,28 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{min(per_repeat):.2f}-{max(per_repeat):.2f}"))
 
         if not args.no_generate:
-            outputs = {}
-            for batch in workload.generate_batches:
-                runners = {
-                    "hfgpt compiled": generate_runner(models["hfgpt"], True, batch, workload.prompt_length,
-                                                      workload.new_tokens, device, outputs),
-                    "gpt2": generate_runner(models["gpt2"], False, batch, workload.prompt_length,
-                                            workload.new_tokens, device, outputs),
-                }
-                rates, warmups = measure(runners, workload.repeats, workload.warmup, workload.min_seconds, clock,
-                                         device)
-                generate_runner(models["hfgpt"], False, batch, workload.prompt_length, workload.new_tokens, device,
-                                outputs)()  # hfgpt's own generate(), for the token check
-                ours = outputs[("HFGPTForCausalLM", True)]
-                same_as_own = torch.equal(ours, outputs[("HFGPTForCausalLM", False)])
-                same_as_gpt2 = torch.equal(ours, outputs[("GPT2LMHeadModel", False)])
-                hfgpt_rate, gpt2_rate = (statistics.median(rates[name]) for name in ("hfgpt compiled", "gpt2"))
-                per_repeat = [a / b for a, b in zip(rates["hfgpt compiled"], rates["gpt2"])]
-                rows.append((f"generate b{batch} {workload.prompt_length}+{workload.new_tokens}",
-                             "compiled vs gpt2 generate()", f"{hfgpt_rate:,.0f}", f"{gpt2_rate:,.0f}",
-                             f"{hfgpt_rate / gpt2_rate:.2f}", f"{min(per_repeat):.2f}-{max(per_repeat):.2f}"))
-                print(f"  generate b{batch}: compiled warm-up {warmups['hfgpt compiled']:.1f} s; tokens identical "
-                      f"to hfgpt's generate(): {same_as_own}, to GPT-2's generate(): {same_as_gpt2}")
+            rows += decoding_rows(models, workload, device, clock)
 
         print(f"\n  {shape_name}: hfgpt against GPT-2 (ratio of medians, > 1: hfgpt faster)")
         print_table(("benchmark", "against", "hfgpt tok/s", "gpt2 tok/s", "hfgpt/gpt2", "per-run range"), rows)

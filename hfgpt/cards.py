@@ -177,7 +177,10 @@ def _evaluation(eval_results: dict, default_task: str):
         dataset = _dataset_of(values)
         # a score on the model's own training data is shown as such, and never published as a benchmark result
         on_training_data = bool(dataset and dataset.get("training_data"))
-        shown_dataset = (dataset["name"] + (" (training data)" if on_training_data else "")) if dataset else "—"
+        # so is a score of the model with quantised weights (`--quantize int8`): not the published model's own
+        quantization = values.get("quantization")
+        shown_dataset = ((dataset["name"] + (" (training data)" if on_training_data else "")) if dataset else "—") + (
+            f" ({quantization} weights)" if quantization else "")
         average = values.get("average")
         window = {key: values[key] for key in ("max_length", "stride") if key in values} or None
         for key in metric_keys:
@@ -190,7 +193,7 @@ def _evaluation(eval_results: dict, default_task: str):
             elif key == "perplexity":
                 metric_args = window
             rows.append({"task": task_name, "dataset": shown_dataset, "metric": name, "value": _format(float(value))})
-            if dataset and not on_training_data:
+            if dataset and not on_training_data and not quantization:
                 results.append(EvalResult(
                     task_type=task_type, task_name=task_name, dataset_type=Path(dataset["name"]).stem,
                     dataset_name=dataset["name"], dataset_split=dataset.get("split"), metric_type=key,

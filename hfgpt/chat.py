@@ -25,6 +25,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer, s
 from .docs_smoke import scale_down
 from .evaluation.loading import load_model, load_tokenizer
 from .evaluation.perplexity import model_context_length
+from .quantization import QUANTIZE_CHOICES
 
 COMMANDS_HELP = "/reset starts a new conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops an answer"
 USER_PROMPT = "you> "
@@ -213,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
     parser.add_argument("--seed", type=int, default=None, help="seed the sampling, for repeatable answers")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps ... (default: the best available)")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                        help="int8: weights stored in 8 bits, 2.5-3x faster answers on a CPU, slightly different "
+                             "numbers (hfgpt.quantization)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error(f"--max_new_tokens={args.max_new_tokens} must be at least 1")
@@ -229,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                              "with --raw to continue plain text, or fine-tune it into a chat model (hfgpt sft).")
         if args.raw and args.system:
             raise ValueError("--system needs a chat template; --raw continues plain text and has no system message.")
-        model = load_model(args.model, device=args.device)
+        model = load_model(args.model, device=args.device, quantize=args.quantize)
     except (ValueError, OSError) as error:
         print(f"hfgpt chat: error: {error}", file=sys.stderr)
         return 1

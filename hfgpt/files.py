@@ -199,21 +199,25 @@ def read_rows(path: str | os.PathLike, columns: tuple[str, ...] = ()) -> list[di
 
 
 def _dataset_identity(results: dict) -> tuple:
-    dataset = results.get("dataset") if isinstance(results, dict) else None
+    """(dataset name, split, quantization) of a result: what makes two results comparable."""
+    if not isinstance(results, dict):
+        return None, None, None
+    dataset, quantization = results.get("dataset"), results.get("quantization")
     if isinstance(dataset, dict):
-        return dataset.get("name"), dataset.get("split")
-    return dataset, None
+        return dataset.get("name"), dataset.get("split"), quantization
+    return dataset, None, quantization
 
 
 def eval_results_key(all_results: dict, name: str, results: dict) -> str:
     """Where `results` go in eval_results.json: under `name` when that entry is free or holds the same dataset (and
-    split), else under `name@<dataset>[:<split>]`. So a result on other data never replaces one: a training run's
-    held-out score stays beside a score on any other file."""
-    dataset, split = _dataset_identity(results)
+    split, and quantization), else under `name@<dataset>[:<split>][+<quantization>]`. So a result on other data, or
+    of the model with quantised weights, never replaces one: a training run's held-out score stays beside a score on
+    any other file and beside the int8 model's score."""
+    dataset, split, quantization = identity = _dataset_identity(results)
     existing = all_results.get(name)
-    if existing is None or _dataset_identity(existing) == (dataset, split) or dataset is None:
+    if existing is None or _dataset_identity(existing) == identity or (dataset is None and not quantization):
         return name
-    return f"{name}@{dataset}" + (f":{split}" if split else "")
+    return f"{name}@{dataset or ''}" + (f":{split}" if split else "") + (f"+{quantization}" if quantization else "")
 
 
 def eval_section_name(key: str) -> str:

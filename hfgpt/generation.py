@@ -57,11 +57,20 @@ def _is_sharded(model) -> bool:
 
 
 def compiled_by_default(model) -> bool:
-    """Compiled decoding pays where a decoding step is dominated by per-operation overhead (kernel launches on a GPU).
-    On a CPU a step of an fp32 model streams every weight from memory once per token, eager or compiled alike: the
-    `small` shape decodes at 0.9-1.0x the eager speed compiled (bench/model_speed.py), so there it is opt-in."""
-    device = next(model.parameters()).device
-    return device.type != "cpu" and can_compile_decoding(model)[0]
+    """Compiled decoding pays where a decoding step is dominated by per-operation overhead: kernel launches on a GPU,
+    and on a CPU once the weights are int8 (`hfgpt.quantization`: 14 MB at the `small` shape, read from cache, so
+    Python and dispatch are what is left; 4.1x GPT-2's generate() compiled against 2.4x eager at batch 1). An fp32
+    model on a CPU streams every weight from memory once per token, eager or compiled alike: 0.8-1.0x the eager speed
+    compiled (bench/model_speed.py), so there it is opt-in."""
+    if not can_compile_decoding(model)[0]:
+        return False
+    return next(model.parameters()).device.type != "cpu" or _has_int8_weights(model)
+
+
+def _has_int8_weights(model) -> bool:
+    from .quantization import Int8Linear
+
+    return any(isinstance(module, Int8Linear) for module in model.modules())
 
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, compiled: bool | None = None,

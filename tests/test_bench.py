@@ -161,13 +161,16 @@ def test_model_speed_bench_prints_ratios():
     out = run_bench("model_speed.py", "--quick", "--shapes", "tiny", "--repeats", "1", "--threads", "1",
                     "--device", "cpu", "--no_memory")
     rows = [line.split() for line in out.splitlines() if line.startswith(("train ", "generate "))]
-    # fp32 and bf16 against GPT-2 at the same precision, hfgpt's default against both; greedy decoding b1 and b4
-    assert [row[0] for row in rows] == ["train"] * 4 + ["generate"] * 2
+    # fp32 and bf16 against GPT-2 at the same precision, hfgpt's default against both; greedy decoding b1 and b4,
+    # each fp32 compiled, int8 and int8 compiled
+    assert [row[0] for row in rows] == ["train"] * 4 + ["generate"] * 6
+    assert [" ".join(row[3:5]) for row in rows[4:7]] == ["compiled vs", "int8 vs", "int8 compiled"]
     for row in rows:
         ratio = float(row[-2])
         assert 0 < ratio < math.inf, row  # its size is the machine's business (load, threads), not the test's
-    # the compiled decoding path gives generate()'s tokens, and GPT-2's (the same weights)
+    # the compiled decoding path gives generate()'s tokens, and GPT-2's (the same weights); int8's are compared
     assert out.count("tokens identical to hfgpt's generate(): True, to GPT-2's generate(): True") == 2
+    assert len(re.findall(r"int8 tokens equal to fp32's: \d+% \(compiled \d+%\)", out)) == 2
     assert "MFU fp32 peak" in out and "matmul peak measured now" in out
 
 
@@ -190,3 +193,23 @@ def test_shakespeare_expert_load_sums_to_one_per_mixture_block(tiny_tokenizer, t
     assert len(load) == 1 and len(load[0]) == 4  # one mixture block (every 2nd of 2), four experts
     assert abs(sum(load[0]) - 1) < 0.01
     assert shakespeare.expert_load(HFGPTForCausalLM(HFGPTConfig.from_preset("tiny")), tiny_tokenizer, "x", 32) is None
+
+
+def test_quantization_bench_compares_int8_with_fp32(tmp_path):
+    from hfgpt import HFGPTConfig, HFGPTForCausalLM
+    from test_evaluation import CHAT_TEMPLATE, make_tokenizer
+
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    HFGPTForCausalLM(HFGPTConfig.from_preset("tiny", vocab_size=len(tokenizer))).save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    rng = random.Random(0)
+    rows = [{"instruction": sentence(rng, 5), "input": "", "output": sentence(rng, 6)} for _ in range(6)]
+    data = tmp_path / "held_out.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    out = run_bench("quantization.py", "--model_dir", str(tmp_path / "lm"), "--prompts_file", str(data),
+                    "--text_file", str(data), "--max_examples", "4", "--max_new_tokens", "4", "--batch_size", "2",
+                    "--repeats", "1", "--threads", "1")
+    measures = [line.split("  ")[0] for line in out.splitlines()[3:]]
+    assert measures == ["perplexity", "answer seconds", "ROUGE-L vs references", "answers identical to fp32's"], out
+    assert re.search(r"answers identical to fp32's\s+\d/4\s+ROUGE-L int8 vs fp32 answers [\d.]+", out), out

@@ -211,3 +211,23 @@ def test_speed_defaults_on_cuda(tmp_path):
     with torch.no_grad():
         assert torch.equal(generate(model, input_ids, **settings), model.generate(input_ids, **settings))
     assert flops.measure_matmul_peak(torch.bfloat16, CUDA, size=2048, seconds=0.1) > 1e12
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_int8_weights_decode_on_cuda(preset):
+    """`--quantize int8` on a GPU: torch._weight_int8pack_mm's CUDA kernel computes the fp32 model's logits up to the
+    int8 rounding, and the compiled decoding (the default there) runs over a padded batch."""
+    from hfgpt.generation import compiled_by_default, generate
+    from hfgpt.quantization import quantize_int8
+
+    model = _model(preset)
+    input_ids, attention_mask = _padded_batch(rows=2, length=10)
+    with torch.no_grad():
+        exact = model(input_ids, attention_mask=attention_mask).logits
+        quantize_int8(model)
+        logits = model(input_ids, attention_mask=attention_mask).logits
+        assert (logits - exact).abs().max() < 0.03 * exact.abs().max()
+        assert compiled_by_default(model)
+        output = generate(model, input_ids, attention_mask=attention_mask, max_new_tokens=8, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    assert output.shape == (2, 18)

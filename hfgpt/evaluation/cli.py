@@ -24,6 +24,12 @@ class ModelArguments:
     )
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1, mps. Default: the best available."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow remote code of non-hfgpt models."})
+    quantize: str | None = field(
+        default=None,
+        metadata={"help": "Evaluate with int8 weights (hfgpt.quantization: what decoding with `hfgpt chat --quantize "
+                          "int8` computes). The result is stored apart from, and never replaces, the full-precision "
+                          "one.", "choices": ["int8"]},
+    )
     batch_size: int = field(default=8, metadata={"help": "Examples (or windows) per forward pass."})
     results_dir: str | None = field(
         default=None,
@@ -104,6 +110,8 @@ def _results_dir(args) -> Path | None:
 
 
 def _report(name: str, results: dict, args) -> None:
+    if args.quantize:  # a score of the quantised model: kept apart from the model's own (files.eval_results_key)
+        results = {**results, "quantization": args.quantize}
     print(json.dumps({name: results}, indent=2))
     directory = _results_dir(args)
     if directory is None:
@@ -154,7 +162,7 @@ def _model_and_tokenizer(args, auto_class=None):
 
     tokenizer = load_tokenizer(args.tokenizer_name_or_path or args.model_name_or_path)
     model = load_model(args.model_name_or_path, auto_class=auto_class, device=args.device,
-                       trust_remote_code=args.trust_remote_code)
+                       trust_remote_code=args.trust_remote_code, quantize=args.quantize)
     return model, tokenizer
 
 
@@ -304,6 +312,9 @@ def rouge_main(argv: list[str] | None = None) -> int:
     if bool(args.predictions_file) == bool(args.prompts_file):
         parser.error("give either --predictions_file (score existing generations) or --model_name_or_path with "
                      "--prompts_file (generate, then score)")
+    if args.predictions_file and args.quantize:
+        parser.error("--quantize applies when generating with --model_name_or_path; --predictions_file scores "
+                     "generations that already exist")
     scale_down("hfgpt eval rouge", args)
     extra = {}
     if args.predictions_file:

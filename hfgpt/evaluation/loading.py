@@ -33,9 +33,10 @@ def load_tokenizer(name_or_path: str | os.PathLike, **kwargs):
     return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
 
 
-def load_model(name_or_path: str | os.PathLike, auto_class=None, device=None, dtype=None, trust_remote_code=False):
-    """Load a model for evaluation (eval mode, on `device`). hfgpt models need no remote code: importing hfgpt
-    registers them with the Auto classes."""
+def load_model(name_or_path: str | os.PathLike, auto_class=None, device=None, dtype=None, trust_remote_code=False,
+               quantize: str | None = None):
+    """Load a model for evaluation (eval mode, on `device`), its weights quantised if `quantize` ("int8",
+    `hfgpt.quantization`). hfgpt models need no remote code: importing hfgpt registers them with the Auto classes."""
     import transformers
 
     import hfgpt  # noqa: F401  (registers the hfgpt Auto classes)
@@ -50,5 +51,7 @@ def load_model(name_or_path: str | os.PathLike, auto_class=None, device=None, dt
     kwargs = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    from ..quantization import quantize as quantize_weights
+
     model = auto_class.from_pretrained(name_or_path, **kwargs)
-    return model.to(resolve_device(device)).eval()
+    return quantize_weights(model.to(resolve_device(device)), quantize).eval()
