@@ -43,17 +43,11 @@ def can_compile_decoding(model) -> tuple[bool, str]:
         return False, "quantised weights"
     if getattr(model, "peft_config", None):
         return False, "an unmerged PEFT adapter (merge it first)"
-    if _is_sharded(model):
+    from .training.sharding import is_sharded
+
+    if is_sharded(model):
         return False, "a sharded (FSDP) model: each step gathers the weights from every process"
     return compiler_available(next(model.parameters()).device)
-
-
-def _is_sharded(model) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
 
 
 def compiled_by_default(model) -> bool:

@@ -61,6 +61,17 @@ def promote_cpu_processes_to_fsdp(accelerator, args) -> bool:
     return True
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `fully_shard` (FSDP2) has wrapped `model`: its forward then gathers the weights from every process."""
+    import torch.distributed
+
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
 def unsharded_class(model: nn.Module) -> type:
     """The model's own class under the one `fully_shard` gave it (`FSDPHFGPTForCausalLM` -> `HFGPTForCausalLM`)."""
     from torch.distributed.fsdp import FSDPModule
