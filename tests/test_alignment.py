@@ -230,7 +230,7 @@ def test_dpo_learns_the_preferences_pair_by_pair(tmp_path, tiny_tokenizer, lora)
     settings = dict(max_steps=12, learning_rate=1e-2 if lora else 1e-3)  # adapters want a higher rate
     run = build_dpo_trainer(fresh_model(tiny_tokenizer), rows, config(HFGPTDPOConfig, tmp_path, **settings),
                             tokenizer=tiny_tokenizer, eval_dataset=rows, peft_args=peft_args(lora))
-    from hfgpt.training.alignment import preference_metrics, preference_pairs
+    from hfgpt.training.preferences import preference_metrics, preference_pairs
 
     before = preference_pairs(run.trainer)
     assert [(pair["chosen"], pair["rejected"]) for pair in before] == [(row["chosen"], row["rejected"]) for row in rows]
@@ -254,7 +254,7 @@ def test_dpo_learns_the_preferences_pair_by_pair(tmp_path, tiny_tokenizer, lora)
 @pytest.mark.skipif(not native_bf16(torch.device("cpu"))[0], reason="this CPU computes bf16 by emulation only")
 def test_dpo_learns_the_preferences_in_bf16(tmp_path, tiny_tokenizer):
     """hfgpt's default on a CPU with native bf16: DPO under bf16 autocast learns the same pairs as in fp32."""
-    from hfgpt.training.alignment import preference_metrics, preference_pairs
+    from hfgpt.training.preferences import preference_metrics, preference_pairs
 
     rows = preference_rows(8)
     dpo_config = config(HFGPTDPOConfig, tmp_path, max_steps=12, bf16=None)
@@ -280,7 +280,7 @@ def test_a_diverged_run_stops_with_a_clear_error(tmp_path, tiny_tokenizer, poiso
 
 
 def test_token_rewards_add_up_to_each_answers_reward(tmp_path, tiny_tokenizer):
-    from hfgpt.training.alignment import preference_pairs, token_rewards
+    from hfgpt.training.preferences import preference_pairs, token_rewards
 
     rows = preference_rows(4)
     run = build_dpo_trainer(fresh_model(tiny_tokenizer), rows, config(HFGPTDPOConfig, tmp_path, max_steps=6),
