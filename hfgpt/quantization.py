@@ -32,17 +32,20 @@ class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+        # the kernel takes the scales in the activations' dtype: round them first, then the weights against them
+        scale = (weight.abs().amax(dim=1) / 127.0).to(COMPUTE_DTYPE)
+        scale = scale.masked_fill(scale == 0, 1.0)  # an all-zero row stays zero
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight_int8", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("weight_scale", scale.to(COMPUTE_DTYPE))
+        self.register_buffer("weight_int8",
+                             torch.round(weight / scale.float()[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         self.register_state_dict_post_hook(_refuse_saving)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
-        # back to the input's dtype before the bias: an element-wise op in bf16 would round differently eagerly and
-        # compiled (inductor computes it in fp32), and the two decoding paths must give the same tokens
+        # back to the input's dtype before the bias: an element-wise op in bf16 rounds differently eagerly and
+        # compiled (inductor computes it in fp32), which would add to what the two decoding paths differ by
         y = torch._weight_int8pack_mm(rows, self.weight_int8, self.weight_scale).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)

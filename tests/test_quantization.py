@@ -22,7 +22,8 @@ def test_int8_rows_round_to_within_half_a_step_of_the_weights():
     linear.weight.data[3] = 0.0  # an all-zero row must not divide by zero
     layer = Int8Linear(linear)
     assert layer.weight_int8.dtype == torch.int8 and layer.weight_int8.shape == (48, 64)
-    assert layer.weight_int8.abs().amax(dim=1)[torch.arange(48) != 3].eq(127).all()  # each row uses the full range
+    # each row uses the full range (126 where the bf16-rounded scale came out a little above max|w| / 127)
+    assert layer.weight_int8.abs().amax(dim=1)[torch.arange(48) != 3].ge(126).all()
     step = layer.weight_scale.float()[:, None]
     # half a step of rounding, plus the bf16 rounding of the scale itself (2^-9 relative) times 127 steps
     bound = step / 2 + 127 * step * 2.0 ** -8
