@@ -252,6 +252,8 @@ def test_classify_full_end_to_end(base_dir, tmp_path, capsys):
     assert summary["method"] == "full" and summary["class_weights"] == "balanced"
     assert summary["parameters"]["trainable"] == summary["parameters"]["total"]
     assert summary["memory"]["peak_rss_bytes"] > 0
+    # tokens/s and MFU (issue #25), counted from tokenizer-padded batches (BatchEncodings, not dicts)
+    assert summary["speed"]["tokens_per_second"] > 0 and summary["speed"]["training_tokens_this_session"] > 0
     # the same command again: refused as an earlier run of the same model, not as "a different model"
     capsys.readouterr()
     assert _run(arguments) == 1
@@ -266,6 +268,8 @@ def test_classify_full_end_to_end(base_dir, tmp_path, capsys):
     history = json.loads((out / "log_history.json").read_text())
     per_epoch = [entry for entry in history if "eval_f1" in entry and "eval_recall" in entry]
     assert len(per_epoch) >= 3
+    training_logs = [entry for entry in history if "loss" in entry]
+    assert training_logs and all(entry["tokens_per_second"] > 0 and entry["mfu"] > 0 for entry in training_logs)
     for name in ("README.md", "loss_curve.png", "model.safetensors"):
         assert (out / name).is_file(), name
     assert not list(out.glob("*.bin"))  # no pickles in the model directory

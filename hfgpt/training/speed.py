@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -292,7 +293,8 @@ class SpeedMixin:
     def floating_point_ops(self, inputs) -> int:
         """FLOPs of one micro-batch (hfgpt.flops' accounting), and its tokens counted for tokens/s. Trainer calls this
         once per micro-batch, after its forward and backward."""
-        input_ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+        # a Mapping, not only a dict: tokenizer-padded batches (classification's collator) are BatchEncodings
+        input_ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else None
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
             return super().floating_point_ops(inputs)
         batch, seq_len = input_ids.shape
