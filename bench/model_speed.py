@@ -23,6 +23,7 @@ matmul peaks measured in the same run. A benchmark, not a test: nothing is asser
     python bench/model_speed.py              # the `small` shape (the README's table)
     python bench/model_speed.py --quick      # a short run (smaller batch, fewer repeats, no memory processes)
     python bench/model_speed.py --shapes tiny small-gpt2vocab --threads 1 --timer cpu   # on a busy shared CPU
+    python bench/model_speed.py --device cuda --shapes gpt2 --train_batch 16 --no_generate  # the GPU MFU target
 
 On a busy shared CPU, elapsed (wall) time mostly measures the other processes (check `uptime` first). `--threads 1
 --timer cpu` counts only this process's CPU time; the per-run range column shows what noise remains.
@@ -57,6 +58,7 @@ SHAPES = {
     "small": dict(preset="small"),  # 6 layers, width 384, 6 heads, context 256, vocabulary 8,192
     "small-gpt2vocab": dict(preset="small", vocab_size=GPT2_VOCAB),
     "mini": dict(preset="mini"),  # the main job's model (`hfgpt pretrain` with no arguments)
+    "gpt2": dict(preset="gpt2"),  # 124M, context 1024: the GPU target's shape (bench/gpu_checks.sh)
 }
 
 
@@ -307,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=None, help="measured runs per setting (default: 5, quick: 3)")
+    parser.add_argument("--train_batch", type=int, default=None,
+                        help="training rows per step (default: 4, quick: 2); a GPU needs more to be busy")
     parser.add_argument("--no_generate", action="store_true", help="skip the decoding rows")
     parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument(
@@ -325,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     workload = QUICK if args.quick else FULL
     if args.repeats is not None:
         workload = dataclasses.replace(workload, repeats=args.repeats)
+    if args.train_batch is not None:
+        workload = dataclasses.replace(workload, train_batch=args.train_batch)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -159,7 +159,8 @@ def test_shakespeare_bench_one_configuration(tmp_path):
 
 def test_model_speed_bench_prints_ratios():
     out = run_bench("model_speed.py", "--quick", "--shapes", "tiny", "--repeats", "1", "--threads", "1",
-                    "--device", "cpu", "--no_memory")
+                    "--device", "cpu", "--no_memory", "--train_batch", "3")
+    assert "train batch 3 x 128" in out  # the tiny preset's context
     rows = [line.split() for line in out.splitlines() if line.startswith(("train ", "generate "))]
     # fp32 and bf16 against GPT-2 at the same precision, hfgpt's default against both; greedy decoding b1 and b4,
     # each fp32 compiled, int8 and int8 compiled
@@ -213,3 +214,18 @@ def test_quantization_bench_compares_int8_with_fp32(tmp_path):
     measures = [line.split("  ")[0] for line in out.splitlines()[3:]]
     assert measures == ["perplexity", "answer seconds", "ROUGE-L vs references", "answers identical to fp32's"], out
     assert re.search(r"answers identical to fp32's\s+\d/4\s+ROUGE-L int8 vs fp32 answers [\d.]+", out), out
+
+
+def test_gpu_checks_script_runs_every_check_and_records_each_exit_code(tmp_path):
+    """bench/gpu_checks.sh is prepared for a session lent a GPU (minutes of device time, one try): here, without
+    one, its checks fail or skip, but it must run all four, keep each output, and say how each ended."""
+    env = dict(os.environ, OUT=str(tmp_path), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_checks.sh")], capture_output=True, text=True, env=env,
+                          timeout=BENCH_TIMEOUT, cwd=REPO, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = (tmp_path / "summary.txt").read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ["device", "cuda_tests", "speed_small", "mfu_gpt2"]
+    assert all(re.fullmatch(r"\S+ rc=\d+ seconds=\d+", line) for line in lines), lines
+    assert "cuda_tests rc=0" in lines[1]  # every CUDA test skips cleanly without a GPU
+    for name in ("device", "cuda_tests", "speed_small", "mfu_gpt2"):
+        assert (tmp_path / f"{name}.txt").is_file()
