@@ -7,8 +7,8 @@ import sys
 import textwrap
 
 # In a fresh process, as a user runs it: every command's --help (and every evaluation's), the help text it printed,
-# and whether bitsandbytes got imported (transformers' Trainer imports it through PEFT) -- its offline warnings about
-# an optional CPU kernel must not reach the user.
+# then bitsandbytes imported as a QLoRA run imports it -- its offline warnings about an optional CPU kernel must not
+# reach the user.
 CHILD = textwrap.dedent(
     """
     import contextlib, io, json, sys
@@ -26,6 +26,9 @@ CHILD = textwrap.dedent(
         except Exception as error:
             code = f"{type(error).__name__}: {error}"
         results[" ".join(argv)] = {"code": code, "help": out.getvalue()}
+    # PEFT before 0.22 imports bitsandbytes with Trainer, later versions when 4-bit weights are first used (a QLoRA
+    # run): import it here either way, as such a run would
+    import bitsandbytes  # noqa: F401
     print(json.dumps({"results": results, "bitsandbytes_imported": "bitsandbytes" in sys.modules}))
     """
 )

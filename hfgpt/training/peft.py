@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import os
 import shutil
@@ -149,12 +150,12 @@ def load_base_model(model_name_or_path: str | os.PathLike, auto_class, peft_args
             **from_pretrained_kwargs,
         )
     keep_4bit_layout_trainable(model)
-    return prepare_model_for_kbit_training(
-        model,
-        use_gradient_checkpointing=gradient_checkpointing,
-        # non-reentrant checkpointing lets gradients reach the adapters without forcing the inputs to require grad
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
+    # non-reentrant checkpointing lets gradients reach the adapters without forcing the inputs to require grad;
+    # PEFT 0.22 renamed the argument (the old name warns until PEFT 1.2 removes it)
+    renamed = "activation_checkpointing_kwargs" in inspect.signature(prepare_model_for_kbit_training).parameters
+    checkpointing = {"activation_checkpointing_kwargs" if renamed else "gradient_checkpointing_kwargs":
+                     {"use_reentrant": False}}
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing, **checkpointing)
 
 
 def keep_4bit_layout_trainable(model: nn.Module) -> None:
