@@ -27,6 +27,7 @@ from hfgpt.evaluation import metric_path
 from hfgpt.evaluation.cli import generate_responses, prompt_and_reference, read_texts
 from hfgpt.evaluation.loading import load_model, load_tokenizer
 from hfgpt.files import read_rows
+from model_speed import print_table  # bench/, beside this script
 
 
 def timed_answers(model, tokenizer, prompts, max_new_tokens: int, batch_size: int, repeats: int):
@@ -90,10 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(("answers identical to fp32's", "", f"{identical}/{len(prompts)}",
                  f"ROUGE-L int8 vs fp32 answers {between:.4f}"))
 
-    header = ("measure", "fp32", "int8", "int8 against fp32")
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(4)]
-    for row in [header, tuple("-" * width for width in widths), *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print_table(("measure", "fp32", "int8", "int8 against fp32"), rows, left=4)
     return 0
 
 

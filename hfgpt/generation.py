@@ -58,13 +58,9 @@ def compiled_by_default(model) -> bool:
     compiled (bench/model_speed.py), so there it is opt-in."""
     if not can_compile_decoding(model)[0]:
         return False
-    return next(model.parameters()).device.type != "cpu" or _has_int8_weights(model)
+    from .quantization import has_int8_weights
 
-
-def _has_int8_weights(model) -> bool:
-    from .quantization import Int8Linear
-
-    return any(isinstance(module, Int8Linear) for module in model.modules())
+    return next(model.parameters()).device.type != "cpu" or has_int8_weights(model)
 
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, compiled: bool | None = None,

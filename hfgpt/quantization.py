@@ -72,6 +72,11 @@ def _refuse_saving(module, state_dict, prefix, local_metadata) -> None:
         "that llama.cpp reads.")
 
 
+def has_int8_weights(model: nn.Module) -> bool:
+    """Whether `quantize_int8` has replaced the model's linear layers."""
+    return any(isinstance(module, Int8Linear) for module in model.modules())
+
+
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace every `nn.Linear` of `model` (the output head included) by an `Int8Linear`, in place; returns the model
     in eval mode. Any causal LM built from `nn.Linear` works (hfgpt, an exported Llama); models with GPT-2's `Conv1D`
@@ -82,7 +87,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     if getattr(model, "hf_quantizer", None) is not None:
         raise ValueError("This model is already quantised (it was loaded with a quantization_config); load it in "
                          "full precision to quantize it to int8.")
-    if any(isinstance(module, Int8Linear) for module in model.modules()):
+    if has_int8_weights(model):
         raise ValueError("This model's linear layers are already int8.")
     conv1d = [name for name, module in model.named_modules() if type(module).__name__ == "Conv1D"]
     if conv1d:  # transformers' GPT-2 family: a Conv1D is a transposed linear layer, left in fp32 it would halve the gain
@@ -94,7 +99,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear(linear).to(linear.weight.device))
+        setattr(parent, child, Int8Linear(linear))  # its buffers are made on the weight's device
     return model.eval()
 
 
@@ -107,4 +112,5 @@ def quantize(model: nn.Module, method: str | None) -> nn.Module:
     return quantize_int8(model)
 
 
-__all__ = ["COMPUTE_DTYPE", "Int8Linear", "QUANTIZE_CHOICES", "QuantizedSaveError", "quantize", "quantize_int8"]
+__all__ = ["COMPUTE_DTYPE", "Int8Linear", "QUANTIZE_CHOICES", "QuantizedSaveError", "has_int8_weights", "quantize",
+           "quantize_int8"]

@@ -13,7 +13,7 @@ from hfgpt.cli import main as hfgpt_main
 from hfgpt.files import EVAL_RESULTS, read_json
 from hfgpt.generation import generate
 from hfgpt.quantization import Int8Linear, QuantizedSaveError, quantize, quantize_int8
-from test_evaluation import CORPUS, lm_dir, make_tokenizer, write_jsonl  # noqa: F401 (fixture)
+from test_evaluation import CHAT_TEMPLATE, CORPUS, lm_dir, make_tokenizer, write_jsonl  # noqa: F401 (fixture)
 
 
 def test_int8_rows_round_to_within_half_a_step_of_the_weights():
@@ -136,8 +136,7 @@ def test_eval_rouge_refuses_quantize_with_a_predictions_file(tmp_path, capsys):
 
 def test_chat_answers_with_int8_weights(tmp_path, capsys):
     tokenizer = make_tokenizer()
-    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    tokenizer.chat_template = CHAT_TEMPLATE
     model = HFGPTForCausalLM(HFGPTConfig.from_preset("tiny", vocab_size=len(tokenizer)))
     model.save_pretrained(tmp_path / "chat")
     tokenizer.save_pretrained(tmp_path / "chat")
