@@ -9,10 +9,11 @@ data and the optimizer Trainer uses by default (fused AdamW). Measured, as token
                    bf16 eager      both under torch.autocast(bfloat16), as Trainer's --bf16 runs them
                    hfgpt default   hfgpt as `hfgpt pretrain` trains it on this hardware: bf16 where the device computes
                                    it natively, torch.compile where a compiler is available (hfgpt.hardware)
-    generate bN  greedy decoding of N prompts (tokens = N * new tokens): GPT-2's `generate()` (fp32) against
-                 hfgpt's compiled static-cache decoding (hfgpt.generation.generate), whose tokens are checked against
-                 hfgpt's own `generate()` and GPT-2's, and against hfgpt with int8 weights (hfgpt.quantization, as
-                 `hfgpt chat --quantize int8` decodes), eager and compiled, whose tokens are compared with fp32's
+    generate bN  greedy decoding of N prompts (tokens = N * new tokens): GPT-2's `generate()` (fp32) against hfgpt
+                 as it decodes (hfgpt.generation.generate: eager and with the compiled static-cache step, oneDNN
+                 linears on x86 CPUs, hfgpt.onednn), whose tokens are checked against hfgpt's own `generate()` and
+                 GPT-2's, and against hfgpt with int8 weights (hfgpt.quantization, as `hfgpt chat --quantize int8`
+                 decodes), eager and compiled, whose tokens are compared with fp32's
     memory       peak resident memory (VmHWM) of a process during training steps, one fresh process per setting
 
 Runs alternate between the settings after a warm-up (which includes compilation; its time is printed), and the table
@@ -153,9 +154,10 @@ def greedy_inputs(vocab_size: int, batch: int, prompt_length: int, device) -> tu
     return input_ids.masked_fill(attention_mask == 0, 0).to(device), attention_mask.to(device)
 
 
-def generate_runner(model, compiled: bool, batch: int, prompt_length: int, new_tokens: int, device,
+def generate_runner(model, compiled: bool | None, batch: int, prompt_length: int, new_tokens: int, device,
                     outputs: dict, label: str) -> Callable[[], int]:
-    """Greedy decoding of `batch` prompts; the last output is kept in `outputs[label]` for the token checks."""
+    """Greedy decoding of `batch` prompts by hfgpt.generation.generate (`compiled` None: the model's own
+    `generate()`, as it comes); the last output is kept in `outputs[label]` for the token checks."""
     input_ids, attention_mask = greedy_inputs(model.config.vocab_size, batch, prompt_length, device)
     model.eval()
     kwargs = dict(attention_mask=attention_mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -163,7 +165,10 @@ def generate_runner(model, compiled: bool, batch: int, prompt_length: int, new_t
 
     @torch.no_grad()
     def run() -> int:
-        output = compiled_generate(model, input_ids, compiled=compiled, **kwargs)
+        if compiled is None:
+            output = model.generate(input_ids, **kwargs)
+        else:
+            output = compiled_generate(model, input_ids, compiled=compiled, **kwargs)
         outputs[label] = output.cpu()
         return batch * (output.shape[1] - prompt_length)
 
@@ -265,27 +270,29 @@ def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]], left: int 
 
 
 # hfgpt's decoding settings, each against GPT-2's generate() in fp32: (label, quantized, compiled)
-DECODING = [("compiled", False, True), ("int8", True, False), ("int8 compiled", True, True)]
+# label, int8 weights, compiled: as hfgpt decodes (hfgpt.generation: oneDNN linears on x86 CPUs, hfgpt.onednn)
+DECODING = [("fp32", False, False), ("fp32 compiled", False, True), ("int8", True, False),
+            ("int8 compiled", True, True)]
 
 
 def decoding_rows(models: dict, workload: Workload, device, clock) -> list[tuple[str, ...]]:
-    """Greedy decoding, hfgpt's settings against GPT-2's `generate()`. fp32 compiled must give exactly the tokens of
-    hfgpt's and GPT-2's `generate()`; int8 weights (hfgpt.quantization) change the logits slightly, so for them the
-    share of tokens equal to fp32's is printed instead (random weights make near-ties common: a trained model agrees
-    more, see bench/quantization.py)."""
+    """Greedy decoding, hfgpt's settings against GPT-2's `generate()`. fp32 must give exactly the tokens of hfgpt's
+    and GPT-2's `generate()` (eager and compiled); int8 weights (hfgpt.quantization) change the logits slightly, so
+    for them the share of tokens equal to fp32's is printed instead (random weights make near-ties common: a trained
+    model agrees more, see bench/quantization.py)."""
     int8 = quantize_int8(copy.deepcopy(models["hfgpt"]))
     rows = []
     for batch in workload.generate_batches:
         outputs = {}
         run = functools.partial(generate_runner, batch=batch, prompt_length=workload.prompt_length,
                                 new_tokens=workload.new_tokens, device=device, outputs=outputs)
-        runners = {"gpt2": run(models["gpt2"], False, label="gpt2")}
+        runners = {"gpt2": run(models["gpt2"], None, label="gpt2")}
         for label, quantized, compiled in DECODING:
             runners[label] = run(int8 if quantized else models["hfgpt"], compiled, label=label)
         rates, warmups = measure(runners, workload.repeats, workload.warmup, workload.min_seconds, clock, device)
-        run(models["hfgpt"], False, label="fp32")()  # hfgpt's own generate(), for the token checks
-        same_as_own = torch.equal(outputs["compiled"], outputs["fp32"])
-        same_as_gpt2 = torch.equal(outputs["compiled"], outputs["gpt2"])
+        run(models["hfgpt"], None, label="own")()  # hfgpt's own generate(), for the token checks
+        identical = {label: (torch.equal(outputs[label], outputs["own"]), torch.equal(outputs[label], outputs["gpt2"]))
+                     for label in ("fp32", "fp32 compiled")}
         gpt2_rate = statistics.median(rates["gpt2"])
         for label, _, _ in DECODING:
             per_repeat = [a / b for a, b in zip(rates[label], rates["gpt2"])]
@@ -293,11 +300,12 @@ def decoding_rows(models: dict, workload: Workload, device, clock) -> list[tuple
                          f"{label} vs gpt2 fp32 generate()", f"{statistics.median(rates[label]):,.0f}",
                          f"{gpt2_rate:,.0f}", f"{statistics.median(rates[label]) / gpt2_rate:.2f}",
                          f"{min(per_repeat):.2f}-{max(per_repeat):.2f}"))
-        agreement = {label: token_agreement(outputs[label], outputs["fp32"], workload.prompt_length)
+        agreement = {label: token_agreement(outputs[label], outputs["own"], workload.prompt_length)
                      for label in ("int8", "int8 compiled")}
-        print(f"  generate b{batch}: compiled warm-up {warmups['compiled']:.1f} s (int8 {warmups['int8 compiled']:.1f} "
-              f"s); fp32 compiled tokens identical to hfgpt's generate(): {same_as_own}, to GPT-2's generate(): "
-              f"{same_as_gpt2}; int8 tokens equal to fp32's: {agreement['int8']:.0%} (compiled "
+        print(f"  generate b{batch}: compiled warm-up {warmups['fp32 compiled']:.1f} s (int8 "
+              f"{warmups['int8 compiled']:.1f} s); tokens identical to hfgpt's / GPT-2's generate(): fp32 "
+              f"{identical['fp32'][0]} / {identical['fp32'][1]}, fp32 compiled {identical['fp32 compiled'][0]} / "
+              f"{identical['fp32 compiled'][1]}; int8 tokens equal to fp32's: {agreement['int8']:.0%} (compiled "
               f"{agreement['int8 compiled']:.0%})")
     return rows
 

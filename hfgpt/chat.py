@@ -25,6 +25,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer, s
 from .docs_smoke import scale_down
 from .evaluation.loading import load_model, load_tokenizer
 from .evaluation.perplexity import model_context_length
+from .generation import generate
 from .quantization import QUANTIZE_CHOICES
 
 COMMANDS_HELP = "/reset starts a new conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops an answer"
@@ -117,8 +118,10 @@ class Chat:
         previous = signal.signal(signal.SIGINT, self._request_stop) if in_main_thread else None
         try:
             with torch.no_grad():
-                output = self.model.generate(
-                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new,
+                # eager: compiling would delay the first answer by 10-40 s
+                output = generate(
+                    self.model, input_ids, attention_mask=torch.ones_like(input_ids), compiled=False,
+                    max_new_tokens=max_new,
                     streamer=streamer, stopping_criteria=StoppingCriteriaList([self.stop]),
                     pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                     else self.tokenizer.eos_token_id, **sampling,

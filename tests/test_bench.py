@@ -163,14 +163,15 @@ def test_model_speed_bench_prints_ratios():
     assert "train batch 3 x 128" in out  # the tiny preset's context
     rows = [line.split() for line in out.splitlines() if line.startswith(("train ", "generate "))]
     # fp32 and bf16 against GPT-2 at the same precision, hfgpt's default against both; greedy decoding b1 and b4,
-    # each fp32 compiled, int8 and int8 compiled
-    assert [row[0] for row in rows] == ["train"] * 4 + ["generate"] * 6
-    assert [" ".join(row[3:5]) for row in rows[4:7]] == ["compiled vs", "int8 vs", "int8 compiled"]
+    # each fp32, fp32 compiled, int8 and int8 compiled
+    assert [row[0] for row in rows] == ["train"] * 4 + ["generate"] * 8
+    assert [" ".join(row[3:5]) for row in rows[4:8]] == ["fp32 vs", "fp32 compiled", "int8 vs", "int8 compiled"]
     for row in rows:
         ratio = float(row[-2])
         assert 0 < ratio < math.inf, row  # its size is the machine's business (load, threads), not the test's
-    # the compiled decoding path gives generate()'s tokens, and GPT-2's (the same weights); int8's are compared
-    assert out.count("tokens identical to hfgpt's generate(): True, to GPT-2's generate(): True") == 2
+    # hfgpt's decoding gives generate()'s tokens, and GPT-2's (the same weights), eager and compiled; int8's are
+    # compared
+    assert out.count("tokens identical to hfgpt's / GPT-2's generate(): fp32 True / True, fp32 compiled True / True;") == 2
     assert len(re.findall(r"int8 tokens equal to fp32's: \d+% \(compiled \d+%\)", out)) == 2
     assert "MFU fp32 peak" in out and "matmul peak measured now" in out
 

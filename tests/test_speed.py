@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 from transformers import TrainingArguments
 
 from hfgpt import HFGPTConfig, HFGPTForCausalLM, files, flops
 from hfgpt.generation import generate, static_cache_length
+from hfgpt.onednn import onednn_available
 from hfgpt.training import speed
 from hfgpt.training.common import NonFiniteTrainingError
 from hfgpt.training.pretrain import PretrainingArguments, main
@@ -238,3 +240,7 @@ def test_compiled_decoding_gives_generates_tokens(overrides):
         assert torch.equal(generate(model, one, compiled=True, do_sample=False, max_new_tokens=16, eos_token_id=None),
                            model.generate(one, do_sample=False, max_new_tokens=16, eos_token_id=None))
     assert hasattr(model, "_compiled_call")  # the compiled step was really used
+    if onednn_available(torch.device("cpu"))[0]:  # and its linear layers computed through oneDNN (hfgpt.onednn)
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            generate(model, one, compiled=True, do_sample=False, max_new_tokens=16, eos_token_id=None)
+        assert any(event.key == "hfgpt::onednn_linear" for event in prof.key_averages())

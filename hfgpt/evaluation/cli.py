@@ -360,6 +360,8 @@ def predict_classes(model, tokenizer, texts: list[str], batch_size: int = 8, max
     import torch
     from tqdm.auto import tqdm
 
+    from ..onednn import onednn_linears
+
     ensure_pad_token(tokenizer)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # heads that find the last token by the pad id need it
@@ -369,7 +371,7 @@ def predict_classes(model, tokenizer, texts: list[str], batch_size: int = 8, max
     for start in tqdm(range(0, len(texts), batch_size), desc="classifying", unit="batch", disable=not progress):
         batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=max_length is not None,
                           max_length=max_length, return_tensors="pt")
-        with torch.no_grad():
+        with torch.no_grad(), onednn_linears(model):
             logits = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device)).logits
         predictions += logits.argmax(-1).tolist()

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..onednn import onednn_linears
 from .loading import load_model, load_tokenizer, resolve_device
 
 
@@ -171,30 +172,31 @@ def compute_perplexity(
     was_training = model.training
     model.eval()
     try:
-        batches = range(0, len(windows), batch_size)
-        for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
-            batch = windows[start : start + batch_size]
-            width = max(w.end - w.begin for w in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            labels = torch.full((len(batch), width), -100, dtype=torch.long)
-            for row, w in enumerate(batch):
-                ids = torch.tensor(sequences[w.text_index][w.begin : w.end])
-                input_ids[row, : len(ids)] = ids
-                attention_mask[row, : len(ids)] = 1
-                scored = slice(w.first_target - w.begin, w.end - w.begin)
-                labels[row, scored] = ids[scored]
-            logits = model(input_ids=input_ids.to(model_device), attention_mask=attention_mask.to(model_device)).logits
-            # Position t predicts token t+1; float32 so the log-softmax is exact whatever the model's dtype.
-            token_nll = F.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), labels[:, 1:].to(model_device), ignore_index=-100,
-                reduction="none",
-            )
-            row_nll = token_nll.sum(dim=1).tolist()
-            row_counts = (labels[:, 1:] != -100).sum(dim=1).tolist()
-            for w, nll, count in zip(batch, row_nll, row_counts):
-                nll_sums[w.text_index] += nll
-                token_counts[w.text_index] += count
+        with onednn_linears(model):  # fp32 forwards at up to twice MKL's speed on x86 CPUs
+            batches = range(0, len(windows), batch_size)
+            for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+                batch = windows[start : start + batch_size]
+                width = max(w.end - w.begin for w in batch)
+                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+                labels = torch.full((len(batch), width), -100, dtype=torch.long)
+                for row, w in enumerate(batch):
+                    ids = torch.tensor(sequences[w.text_index][w.begin : w.end])
+                    input_ids[row, : len(ids)] = ids
+                    attention_mask[row, : len(ids)] = 1
+                    scored = slice(w.first_target - w.begin, w.end - w.begin)
+                    labels[row, scored] = ids[scored]
+                logits = model(input_ids=input_ids.to(model_device), attention_mask=attention_mask.to(model_device)).logits
+                # Position t predicts token t+1; float32 so the log-softmax is exact whatever the model's dtype.
+                token_nll = F.cross_entropy(
+                    logits[:, :-1].float().transpose(1, 2), labels[:, 1:].to(model_device), ignore_index=-100,
+                    reduction="none",
+                )
+                row_nll = token_nll.sum(dim=1).tolist()
+                row_counts = (labels[:, 1:] != -100).sum(dim=1).tolist()
+                for w, nll, count in zip(batch, row_nll, row_counts):
+                    nll_sums[w.text_index] += nll
+                    token_counts[w.text_index] += count
     finally:
         model.train(was_training)
 
