@@ -3,14 +3,17 @@
 Why: an fp32 `nn.Linear` on a CPU goes to MKL's sgemm/sgemv, which on this project's AMD EPYC runs at about half the
 speed of oneDNN's fp32 matmul (the other library inside every x86 torch wheel, which torch itself uses for bf16 and for
 inductor's frozen CPU graphs). Measured on the `small` shape's 37 linear layers, 2 threads: one token (a decoding
-step) 3.4 ms with MKL against 1.6 ms with oneDNN, 256 rows (a prompt) 42 against 17 ms, 1,024 rows 148 against 83 ms.
-The arithmetic is the same (fp32 products and sums, another summation order: results agree to ~1e-6 relative).
+step) 3.4 ms with MKL against 1.6 ms with oneDNN and 1.4 ms with the weights in oneDNN's blocked layout; four tokens
+5.3 against 2.2 and 1.4 ms; 256 rows (a prompt) 42 against 17 ms; 1,024 rows 148 against 83 ms. The arithmetic is the
+same (fp32 products and sums in another order: results agree to ~1e-6 relative).
 
-`onednn_linears(model)` routes the model's plain `nn.Linear` layers through `torch.ops.mkldnn._linear_pointwise` for
-the duration of a `with` block and restores them after; nothing is saved or copied (the op reads the fp32 weight as it
-is). A layer still takes the ordinary path whenever gradients are on, autocast is on, or the input is not fp32, so a
-training step inside the block computes what it would outside. Under torch.compile the call is the custom op
-`hfgpt::onednn_linear`, as inductor lowers oneDNN's op only for frozen (constant) weights.
+`onednn_linears(model)` routes the model's plain fp32 `nn.Linear` layers through `torch.ops.mkldnn._linear_pointwise`
+for the duration of a `with` block and restores them after. On entry it copies each weight into oneDNN's blocked
+layout (20 ms and the weights' size in memory for the `small` shape's 55 MB, held until the block ends), and again
+when a weight changed in place inside the block (eager calls only: a compiled step keeps the copy made on entry). A layer still takes the ordinary path whenever gradients are on,
+autocast is on, or the input is not fp32, so a training step inside the block computes what it would outside. Under
+torch.compile the call is the custom op `hfgpt::onednn_linear`, as inductor lowers oneDNN's op only for frozen
+(constant) weights.
 """
 
 from __future__ import annotations
@@ -31,14 +34,16 @@ def onednn_available(device: torch.device) -> tuple[bool, str]:
         return False, f"oneDNN's fp32 linear is a CPU kernel (the model is on {device.type})"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False, f"measured on x86 CPUs only (this is {platform.machine()})"
-    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    if not torch.backends.mkldnn.is_available() or not all(
+            hasattr(torch.ops.mkldnn, op) for op in ("_linear_pointwise", "_reorder_linear_weight")):
         return False, "this torch build has no oneDNN"
     return True, "x86 CPU with oneDNN"
 
 
 @torch.library.custom_op("hfgpt::onednn_linear", mutates_args=())
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` computed by oneDNN (fp32 in, fp32 out)."""
+    """`F.linear(x, weight, bias)` computed by oneDNN (fp32 in, fp32 out; `weight` as `_reorder_linear_weight` packs
+    it, or plain)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -51,27 +56,36 @@ def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or x.dtype != torch.float32 \
             or self.weight.dtype != torch.float32:
         return F.linear(x, self.weight, self.bias)
-    if torch.compiler.is_compiling():
-        return onednn_linear(x, self.weight, self.bias)
-    return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")  # skips the op's wrapper
+    if torch.compiler.is_compiling():  # compiled steps take the weights as packed on entry
+        return onednn_linear(x, self._packed, self.bias)
+    if self._packed_version != self.weight._version:  # changed in place inside the block (an optimizer step)
+        _pack(self)
+    return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")  # skips the op's wrapper
+
+
+def _pack(layer: nn.Linear) -> None:
+    layer._packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach())
+    layer._packed_version = layer.weight._version
 
 
 @contextlib.contextmanager
 def onednn_linears(model: nn.Module) -> Iterator[int]:
-    """Inside the block, `model`'s fp32 `nn.Linear` layers on an x86 CPU compute through oneDNN (see the module
-    docstring); yields how many layers it routed (0 where `onednn_available` says no)."""
+    """Inside the block, `model`'s fp32 `nn.Linear` layers on an x86 CPU compute through oneDNN with packed copies of
+    their weights (see the module docstring); yields how many layers it routed (0 where `onednn_available` says no)."""
     layers = [module for module in model.modules()
-              if type(module) is nn.Linear and module.weight.device.type == "cpu"
-              and module.weight.dtype == torch.float32 and "forward" not in vars(module)]
+              if type(module) is nn.Linear and type(module.weight.data) is torch.Tensor  # not sharded (DTensor)
+              and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32
+              and "forward" not in vars(module)]
     if not layers or not onednn_available(layers[0].weight.device)[0]:
         layers = []
     for layer in layers:
         layer.forward = types.MethodType(_linear_forward, layer)
+        _pack(layer)
     try:
         yield len(layers)
     finally:
         for layer in layers:
-            del layer.forward
+            del layer.forward, layer._packed, layer._packed_version
 
 
 __all__ = ["onednn_available", "onednn_linear", "onednn_linears"]

@@ -55,6 +55,18 @@ def test_training_inside_the_block_takes_the_ordinary_path():
         assert torch.equal(parameter.grad, grad)
 
 
+def test_a_weight_changed_inside_the_block_is_seen():
+    model = tiny_model()
+    ids = torch.randint(1, 512, (1, 8))
+    with torch.no_grad(), onednn_linears(model):
+        before = model(ids).logits
+        model.lm_head.weight.mul_(2)  # in place, as an optimizer step changes it (the LM head is tied to wte)
+        after = model(ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(after, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(after, before)
+
+
 def test_layers_are_restored_after_an_error():
     model = tiny_model()
     with pytest.raises(RuntimeError, match="inside"), onednn_linears(model):
