@@ -12,6 +12,9 @@ The compiled step is specialised to a batch size and a cache length: the cache l
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from transformers import CompileConfig
 
@@ -54,8 +57,8 @@ def can_compile_decoding(model) -> tuple[bool, str]:
 def compiled_by_default(model) -> bool:
     """Compiled decoding pays where a decoding step is dominated by per-operation overhead: kernel launches on a GPU,
     and on a CPU once the weights are int8 (`hfgpt.quantization`: 14 MB at the `small` shape, read from cache, so
-    Python and dispatch are what is left; 4.1x GPT-2's generate() compiled against 2.7x eager at batch 1). An fp32
-    model on a CPU decodes as fast eagerly (oneDNN linears: 1.45x GPT-2's generate() eager, 1.28x compiled at batch 1,
+    Python and dispatch are what is left; 4.4x GPT-2's generate() compiled against 2.6x eager at batch 1). An fp32
+    model on a CPU decodes as fast eagerly (oneDNN linears: 1.43x GPT-2's generate() eager, 1.33x compiled at batch 1,
     bench/model_speed.py), so there it is opt-in."""
     if not can_compile_decoding(model)[0]:
         return False
@@ -77,8 +80,24 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         cache_length = static_cache_length(input_ids.shape[1], max_new_tokens, context)
         generate_kwargs.update(cache_implementation="static", max_cache_len=cache_length,
                                compile_config=compile_config())
-    with onednn_linears(model):  # fp32 matmuls at twice MKL's speed on x86 CPUs (hfgpt.onednn); no-op elsewhere
+    # fp32 matmuls at twice MKL's speed on x86 CPUs (hfgpt.onednn); no-op elsewhere
+    with onednn_linears(model), _attention_for_compiled_cpu_decoding(model, compiled):
         return model.generate(input_ids, attention_mask=attention_mask, **generate_kwargs)
+
+
+@contextlib.contextmanager
+def _attention_for_compiled_cpu_decoding(model, compiled: bool) -> Iterator[None]:
+    """A compiled decoding step on a CPU attends with attention written out (matrix products and a softmax, which
+    inductor fuses) rather than sdpa, whose CPU kernel is opaque to the compiler and reads the whole static cache with
+    a mask: 1,093-1,145 against 973-1,023 tokens/s at batch 4 (`small` shape; batch 1 unchanged), the same tokens."""
+    if not compiled or model.device.type != "cpu" or model.config._attn_implementation != "sdpa":
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("sdpa")
 
 
 __all__ = ["CACHE_BUCKET", "can_compile_decoding", "compile_config", "compiled_by_default", "generate",

@@ -244,3 +244,6 @@ def test_compiled_decoding_gives_generates_tokens(overrides):
         with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
             generate(model, one, compiled=True, do_sample=False, max_new_tokens=16, eos_token_id=None)
         assert any(event.key == "hfgpt::onednn_linear" for event in prof.key_averages())
+        # attention written out (fused by inductor) rather than sdpa's CPU kernel, and sdpa again afterwards
+        assert not any("scaled_dot_product" in event.key for event in prof.key_averages())
+        assert model.config._attn_implementation == "sdpa"
