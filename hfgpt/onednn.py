@@ -10,10 +10,10 @@ same (fp32 products and sums in another order: results agree to ~1e-6 relative).
 `onednn_linears(model)` routes the model's plain fp32 `nn.Linear` layers through `torch.ops.mkldnn._linear_pointwise`
 for the duration of a `with` block and restores them after. On entry it copies each weight into oneDNN's blocked
 layout (20 ms and the weights' size in memory for the `small` shape's 55 MB, held until the block ends), and again
-when a weight changed in place inside the block (eager calls only: a compiled step keeps the copy made on entry). A layer still takes the ordinary path whenever gradients are on,
-autocast is on, or the input is not fp32, so a training step inside the block computes what it would outside. Under
-torch.compile the call is the custom op `hfgpt::onednn_linear`, as inductor lowers oneDNN's op only for frozen
-(constant) weights.
+when a weight changed in place inside the block (eager calls only: a compiled step keeps the copy made on entry). A
+layer still takes the ordinary path whenever gradients are on, autocast is on, or the input is not fp32, so a training
+step inside the block computes what it would outside. Under torch.compile the call is the custom op
+`hfgpt::onednn_linear`, as inductor lowers oneDNN's op only for frozen (constant) weights.
 """
 
 from __future__ import annotations

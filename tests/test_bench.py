@@ -171,7 +171,8 @@ def test_model_speed_bench_prints_ratios():
         assert 0 < ratio < math.inf, row  # its size is the machine's business (load, threads), not the test's
     # hfgpt's decoding gives generate()'s tokens, and GPT-2's (the same weights), eager and compiled; int8's are
     # compared
-    assert out.count("tokens identical to hfgpt's / GPT-2's generate(): fp32 True / True, fp32 compiled True / True;") == 2
+    assert out.count("tokens identical to hfgpt's / GPT-2's generate(): fp32 True / True, "
+                     "fp32 compiled True / True;") == 2
     assert len(re.findall(r"int8 tokens equal to fp32's: \d+% \(compiled \d+%\)", out)) == 2
     assert "MFU fp32 peak" in out and "matmul peak measured now" in out
 

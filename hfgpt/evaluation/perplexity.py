@@ -186,7 +186,8 @@ def compute_perplexity(
                     attention_mask[row, : len(ids)] = 1
                     scored = slice(w.first_target - w.begin, w.end - w.begin)
                     labels[row, scored] = ids[scored]
-                logits = model(input_ids=input_ids.to(model_device), attention_mask=attention_mask.to(model_device)).logits
+                logits = model(input_ids=input_ids.to(model_device),
+                               attention_mask=attention_mask.to(model_device)).logits
                 # Position t predicts token t+1; float32 so the log-softmax is exact whatever the model's dtype.
                 token_nll = F.cross_entropy(
                     logits[:, :-1].float().transpose(1, 2), labels[:, 1:].to(model_device), ignore_index=-100,
