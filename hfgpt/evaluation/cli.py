@@ -368,13 +368,13 @@ def predict_classes(model, tokenizer, texts: list[str], batch_size: int = 8, max
     tokenizer.padding_side = "right"
     device = next(model.parameters()).device
     predictions = []
-    for start in tqdm(range(0, len(texts), batch_size), desc="classifying", unit="batch", disable=not progress):
-        batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=max_length is not None,
-                          max_length=max_length, return_tensors="pt")
-        with torch.no_grad(), onednn_linears(model):
+    with torch.no_grad(), onednn_linears(model):  # fp32 forwards at up to twice MKL's speed on x86 CPUs
+        for start in tqdm(range(0, len(texts), batch_size), desc="classifying", unit="batch", disable=not progress):
+            batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=max_length is not None,
+                              max_length=max_length, return_tensors="pt")
             logits = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device)).logits
-        predictions += logits.argmax(-1).tolist()
+            predictions += logits.argmax(-1).tolist()
     return predictions
 
 
