@@ -26,6 +26,7 @@ from .docs_smoke import scale_down
 from .evaluation.loading import load_model, load_tokenizer
 from .evaluation.perplexity import model_context_length
 from .generation import generate
+from .onednn import onednn_linears
 from .quantization import QUANTIZE_CHOICES
 
 COMMANDS_HELP = "/reset starts a new conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops an answer"
@@ -251,5 +252,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hfgpt chat: error: {error}", file=sys.stderr)
             return 1
         return 0
-    interactive(chat)
+    with onednn_linears(model):  # weights packed once for the session, not at every answer (hfgpt.onednn)
+        interactive(chat)
     return 0

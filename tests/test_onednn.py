@@ -67,6 +67,16 @@ def test_a_weight_changed_inside_the_block_is_seen():
     assert not torch.allclose(after, before)
 
 
+def test_an_inner_block_uses_the_outer_ones_packing_and_leaves_it_in_place():
+    model = tiny_model()  # as `hfgpt chat` holds one block for the session and generate() opens one per answer
+    with onednn_linears(model) as outer:
+        packed = model.lm_head._packed
+        with onednn_linears(model) as inner:
+            assert inner == 0
+        assert outer > 0 and model.lm_head._packed is packed and len(routed_layers(model)) == outer
+    assert routed_layers(model) == []
+
+
 def test_layers_are_restored_after_an_error():
     model = tiny_model()
     with pytest.raises(RuntimeError, match="inside"), onednn_linears(model):
