@@ -12,7 +12,8 @@ for the duration of a `with` block and restores them after. On entry it copies e
 layout (20 ms and the weights' size in memory for the `small` shape's 55 MB, held until the block ends), and again
 when a weight changed in place inside the block (eager calls only: a compiled step keeps the copy made on entry). A
 layer still takes the ordinary path whenever gradients are on, autocast is on, or the input is not fp32, so a training
-step inside the block computes what it would outside. Under torch.compile the call is the custom op
+step inside the block computes what it would outside; and for one row (a batch-1 decoding step) when the model's
+linear weights fit in the CPU's last-level cache, where MKL's matrix-vector product is the quicker one. Under torch.compile the call is the custom op
 `hfgpt::onednn_linear`, as inductor lowers oneDNN's op only for frozen (constant) weights.
 """
 
@@ -22,6 +23,7 @@ import contextlib
 import platform
 import types
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -52,9 +54,21 @@ def _onednn_linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+def last_level_cache_bytes() -> int:
+    """The CPU's largest cache (Linux's sysfs), or 32 MiB where it does not say."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        with contextlib.suppress(OSError, ValueError):
+            text = path.read_text().strip().upper()
+            sizes.append(int(text.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1))
+    return max(sizes, default=32 * 2**20)
+
+
 def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or x.dtype != torch.float32 \
             or self.weight.dtype != torch.float32:
+        return F.linear(x, self.weight, self.bias)
+    if x.numel() == x.shape[-1] and not self._onednn_for_one_row:  # one token, weights held in cache: MKL is quicker
         return F.linear(x, self.weight, self.bias)
     if torch.compiler.is_compiling():  # compiled steps take the weights as packed on entry
         return onednn_linear(x, self._packed, self.bias)
@@ -78,14 +92,19 @@ def onednn_linears(model: nn.Module) -> Iterator[int]:
               and "forward" not in vars(module)]
     if not layers or not onednn_available(layers[0].weight.device)[0]:
         layers = []
+    # One row (a batch-1 decoding step) only pays where the weights stream from memory: for weights that stay in the
+    # cache between tokens MKL's matrix-vector product is quicker than oneDNN's per-call overhead (the `mini` preset,
+    # 17 MB: 0.23 against 0.39 ms a step; `small`, 55 MB: 2.5 against 1.0 ms; bench/linear_kernels.py)
+    one_row = sum(layer.weight.numel() * 4 for layer in layers) > last_level_cache_bytes()
     for layer in layers:
         layer.forward = types.MethodType(_linear_forward, layer)
+        layer._onednn_for_one_row = one_row
         _pack(layer)
     try:
         yield len(layers)
     finally:
         for layer in layers:
-            del layer.forward, layer._packed, layer._packed_version
+            del layer.forward, layer._packed, layer._packed_version, layer._onednn_for_one_row
 
 
-__all__ = ["onednn_available", "onednn_linear", "onednn_linears"]
+__all__ = ["last_level_cache_bytes", "onednn_available", "onednn_linear", "onednn_linears"]

@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from hfgpt.onednn import onednn_available
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the cat sat on a mat with some red blue green apples and pears near the river hill town".split()
@@ -231,3 +234,15 @@ def test_gpu_checks_script_runs_every_check_and_records_each_exit_code(tmp_path)
     assert "cuda_tests rc=0" in lines[1]  # every CUDA test skips cleanly without a GPU
     for name in ("device", "cuda_tests", "speed_small", "mfu_gpt2"):
         assert (tmp_path / f"{name}.txt").is_file()
+
+
+@pytest.mark.skipif(not onednn_available(torch.device("cpu"))[0], reason="oneDNN's fp32 linear is not used here")
+def test_linear_kernels_bench_prints_mkl_and_onednn_side_by_side(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 40)
+    out = run_bench("linear_kernels.py", "--preset", "tiny", "--rows", "1", "4", "--repeats", "1", "--threads", "1",
+                    "--text", str(text), "--perplexity_chars", "1000")
+    assert "tiny: 13 linear layers, 0.5 MB of fp32 weights" in out and "memory read bandwidth:" in out
+    rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0] in ("1", "4")]
+    assert [row[0] for row in rows] == ["1", "4"] and all(float(row[-1].rstrip("x")) > 0 for row in rows)
+    assert re.search(r"perplexity of 1,000 characters .*: MKL [\d.]+ s, oneDNN [\d.]+ s", out)

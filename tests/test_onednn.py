@@ -77,6 +77,18 @@ def test_an_inner_block_uses_the_outer_ones_packing_and_leaves_it_in_place():
     assert routed_layers(model) == []
 
 
+def test_one_row_goes_through_onednn_only_when_the_weights_do_not_fit_in_the_cache(monkeypatch):
+    model = tiny_model()  # 0.5 MB of linear weights: held in any last-level cache
+    one_row = torch.randint(1, 512, (1, 1))
+    with torch.no_grad():
+        with onednn_linears(model):
+            assert onednn_calls(lambda: model(one_row)) == 0  # MKL's matrix-vector product is quicker there
+            assert onednn_calls(lambda: model(torch.randint(1, 512, (2, 1)))) > 0
+        monkeypatch.setattr("hfgpt.onednn.last_level_cache_bytes", lambda: 2**16)
+        with onednn_linears(model):
+            assert onednn_calls(lambda: model(one_row)) > 0
+
+
 def test_layers_are_restored_after_an_error():
     model = tiny_model()
     with pytest.raises(RuntimeError, match="inside"), onednn_linears(model):

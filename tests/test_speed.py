@@ -242,7 +242,7 @@ def test_compiled_decoding_gives_generates_tokens(overrides):
     assert hasattr(model, "_compiled_call")  # the compiled step was really used
     if onednn_available(torch.device("cpu"))[0]:  # and its linear layers computed through oneDNN (hfgpt.onednn)
         with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
-            generate(model, one, compiled=True, do_sample=False, max_new_tokens=16, eos_token_id=None)
+            generate(model, input_ids, compiled=True, do_sample=False, **settings)
         assert any(event.key == "hfgpt::onednn_linear" for event in prof.key_averages())
         # attention written out (fused by inductor) rather than sdpa's CPU kernel, and sdpa again afterwards
         assert not any("scaled_dot_product" in event.key for event in prof.key_averages())
