@@ -20,6 +20,7 @@ linear weights fit in the CPU's last-level cache, where MKL's matrix-vector prod
 from __future__ import annotations
 
 import contextlib
+import functools
 import platform
 import types
 from collections.abc import Iterator
@@ -54,6 +55,7 @@ def _onednn_linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+@functools.cache  # read once: every generate() call asks
 def last_level_cache_bytes() -> int:
     """The CPU's largest cache (Linux's sysfs), or 32 MiB where it does not say."""
     sizes = []
