@@ -9,6 +9,8 @@ data and the optimizer Trainer uses by default (fused AdamW). Measured, as token
                    bf16 eager      both under torch.autocast(bfloat16), as Trainer's --bf16 runs them
                    hfgpt default   hfgpt as `hfgpt pretrain` trains it on this hardware: bf16 where the device computes
                                    it natively, torch.compile where a compiler is available (hfgpt.hardware)
+                   hfgpt fp32 ... oneDNN   as `hfgpt pretrain --bf16 false` trains it (compiled, and with
+                                   --torch_compile false eager) where oneDNN's fp32 products are faster (hfgpt.onednn)
     generate bN  greedy decoding of N prompts (tokens = N * new tokens): GPT-2's `generate()` (fp32) against hfgpt
                  as it decodes (hfgpt.generation.generate: eager and with the compiled static-cache step, oneDNN
                  linears on x86 CPUs, hfgpt.onednn), whose tokens are checked against hfgpt's own `generate()` and
@@ -31,6 +33,7 @@ On a busy shared CPU, elapsed (wall) time mostly measures the other processes (c
 """
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -49,6 +52,7 @@ from hfgpt import HFGPTConfig, HFGPTForCausalLM, flops
 from hfgpt.convert.gpt2 import gpt2_config_from_hfgpt, gpt2_state_dict_from_hfgpt
 from hfgpt.generation import generate as compiled_generate
 from hfgpt.hardware import compiler_available, native_bf16
+from hfgpt.onednn import OneDNNTrainingLinears, onednn_available
 from hfgpt.quantization import quantize_int8
 from hfgpt.training.speed import attention_for_compiled_training, compile_with_fallback
 
@@ -88,15 +92,19 @@ class Setting:
     model: str  # hfgpt | gpt2
     bf16: bool
     compiled: bool
+    onednn: bool = False  # fp32 linear layers through oneDNN, as hfgpt's Trainers run fp32 on CPUs where it is faster
 
     @property
     def name(self) -> str:
-        return f"{self.model} {'bf16' if self.bf16 else 'fp32'}{' compiled' if self.compiled else ''}"
+        return (f"{self.model} {'bf16' if self.bf16 else 'fp32'}{' compiled' if self.compiled else ''}"
+                f"{' oneDNN' if self.onednn else ''}")
 
 
-def hfgpt_default_setting(device: torch.device) -> Setting:
-    """What `hfgpt pretrain` picks on this hardware (hfgpt.training.speed.resolve_speed_settings)."""
-    return Setting("hfgpt", native_bf16(device)[0], compiler_available(device)[0])
+def hfgpt_default_setting(device: torch.device, bf16: bool | None = None) -> Setting:
+    """What `hfgpt pretrain` picks on this hardware (hfgpt.training.speed.resolve_speed_settings), or with
+    `--bf16 false` when `bf16` is False."""
+    bf16 = native_bf16(device)[0] if bf16 is None else bf16
+    return Setting("hfgpt", bf16, compiler_available(device)[0], not bf16 and onednn_available(device)[0])
 
 
 def build_config(shape: dict) -> HFGPTConfig:
@@ -134,9 +142,10 @@ def train_step_runner(model, setting: Setting, batch: int, length: int, device) 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step() -> int:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=setting.bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=setting.bf16), \
+                OneDNNTrainingLinears() if setting.onednn else contextlib.nullcontext():
             loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
-        loss.backward()
+        loss.backward()  # the products recorded in the forward (oneDNN's or MKL's) are the backward's
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return batch * length
@@ -345,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.timer == "cpu" and device.type != "cpu":
         parser.error("--timer cpu measures CPU work; on an accelerator use --timer wall")
     default = hfgpt_default_setting(device)
+    fp32_default = hfgpt_default_setting(device, bf16=False)  # as `hfgpt pretrain --bf16 false` trains
     peaks = {dtype: flops.measure_matmul_peak(dtype, device) for dtype in (torch.float32, torch.bfloat16)}
     print(f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}) "
           f"threads={torch.get_num_threads()} torch={torch.__version__} repeats={workload.repeats} "
@@ -367,8 +377,10 @@ def main(argv: list[str] | None = None) -> int:
         # training: every setting on its own copy of the same weights
         settings = [Setting("hfgpt", False, False), Setting("gpt2", False, False), Setting("hfgpt", True, False),
                     Setting("gpt2", True, False)]
-        if default not in settings:
-            settings.append(default)
+        fp32_eager = dataclasses.replace(fp32_default, compiled=False)  # --bf16 false --torch_compile false
+        for setting in (default, fp32_eager, fp32_default):
+            if setting not in settings:
+                settings.append(setting)
         runners = {setting.name: train_step_runner(copy.deepcopy(models[setting.model]), setting,
                                                    workload.train_batch, length, device) for setting in settings}
         clock = CLOCKS[args.timer]
@@ -387,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                        (Setting("hfgpt", True, False), Setting("gpt2", True, False)),
                        (default, Setting("gpt2", False, False)),
                        (default, Setting("gpt2", True, False))]
+        comparisons += [(setting, Setting("gpt2", False, False)) for setting in dict.fromkeys((fp32_eager, fp32_default))
+                        if setting.onednn]
         rows = []
         for ours, theirs in comparisons:
             per_repeat = [a / b for a, b in zip(rates[ours.name], rates[theirs.name])]

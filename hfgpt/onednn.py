@@ -1,27 +1,37 @@
-"""fp32 linear layers through oneDNN for inference on x86 CPUs: decoding, perplexity and accuracy evaluation.
+"""fp32 linear layers through oneDNN on x86 CPUs: for inference (decoding, perplexity and accuracy evaluation) and for
+fp32 training.
 
-Why: an fp32 `nn.Linear` on a CPU goes to MKL's sgemm/sgemv, which on this project's AMD EPYC runs at about half the
-speed of oneDNN's fp32 matmul (the other library inside every x86 torch wheel, which torch itself uses for bf16 and for
-inductor's frozen CPU graphs). Measured on the `small` shape's 37 linear layers, 2 threads: one token (a decoding
-step) 3.4 ms with MKL against 1.6 ms with oneDNN and 1.4 ms with the weights in oneDNN's blocked layout; four tokens
-5.3 against 2.2 and 1.4 ms; 256 rows (a prompt) 42 against 17 ms; 1,024 rows 148 against 83 ms. The arithmetic is the
-same (fp32 products and sums in another order: results agree to ~1e-6 relative).
+Why: an fp32 `nn.Linear` on a CPU goes to MKL's sgemm/sgemv, which on this project's AMD EPYC runs at less than half
+the speed of oneDNN's fp32 matmul (the other library inside every x86 torch wheel, which torch itself uses for bf16 and
+for inductor's frozen CPU graphs): square products 212 against 475 GFLOP/s on 2 threads. Measured on the `small`
+shape's 37 linear layers: one token (a decoding step) 3.4 ms with MKL against 1.6 ms with oneDNN and 1.4 ms with the
+weights in oneDNN's blocked layout; four tokens 5.3 against 2.2 and 1.4 ms; 256 rows (a prompt) 42 against 17 ms;
+1,024 rows 148 against 83 ms. The arithmetic is the same (fp32 products and sums in another order: results agree to
+~1e-6 relative). MKL may well be the quicker one on other CPUs, so `onednn_available` measures both once per process
+(`onednn_speedup`) and routes nothing where oneDNN is not clearly faster; `HFGPT_ONEDNN=0|1` overrides the choice.
 
-`onednn_linears(model)` routes the model's plain fp32 `nn.Linear` layers through `torch.ops.mkldnn._linear_pointwise`
-for the duration of a `with` block and restores them after. On entry it copies each weight into oneDNN's blocked
-layout (20 ms and the weights' size in memory for the `small` shape's 55 MB, held until the block ends), and again
-when a weight changed in place inside the block (eager calls only: a compiled step keeps the copy made on entry). A
-layer still takes the ordinary path whenever gradients are on, autocast is on, or the input is not fp32, so a training
-step inside the block computes what it would outside; and for one row (a batch-1 decoding step) when the model's
-linear weights fit in the CPU's last-level cache, where MKL's matrix-vector product is the quicker one. Under torch.compile the call is the custom op
-`hfgpt::onednn_linear`, as inductor lowers oneDNN's op only for frozen (constant) weights.
+- `onednn_linears(model)` routes the model's plain fp32 `nn.Linear` layers through `torch.ops.mkldnn._linear_pointwise`
+  for the duration of a `with` block, for inference, and restores them after. On entry it copies each weight into
+  oneDNN's blocked layout (20 ms and the weights' size in memory for the `small` shape's 55 MB, held until the block
+  ends), and again when a weight changed in place inside the block (eager calls only: a compiled step keeps the copy
+  made on entry). A layer still takes the ordinary path whenever gradients are on, autocast is on, or the input is not
+  fp32; and for one row (a batch-1 decoding step) when the model's linear weights fit in the CPU's last-level cache,
+  where MKL's matrix-vector product is the quicker one.
+- `OneDNNTrainingLinears()`, a `with` block (a TorchFunctionMode, which torch.compile traces), computes every fp32
+  `F.linear` on the CPU inside it, forward and backward, through oneDNN with the weights as they are (no packing: they
+  change at every step). hfgpt's Trainers open it around each step of an fp32 run (hfgpt.training.speed).
+
+Under torch.compile the call is the op `hfgpt::onednn_linear`, as inductor lowers oneDNN's own op only for frozen
+(constant) weights.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import platform
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,10 +39,11 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 
-def onednn_available(device: torch.device) -> tuple[bool, str]:
-    """Whether `onednn_linears` does anything on `device`, and why."""
+def onednn_supported(device: torch.device) -> tuple[bool, str]:
+    """Whether this device and torch build have oneDNN's fp32 linear, and if not, why."""
     if device.type != "cpu":
         return False, f"oneDNN's fp32 linear is a CPU kernel (the model is on {device.type})"
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -41,6 +52,48 @@ def onednn_available(device: torch.device) -> tuple[bool, str]:
             hasattr(torch.ops.mkldnn, op) for op in ("_linear_pointwise", "_reorder_linear_weight")):
         return False, "this torch build has no oneDNN"
     return True, "x86 CPU with oneDNN"
+
+
+# oneDNN is used where its fp32 product is at least this much faster than MKL's (a margin over timing noise)
+MIN_SPEEDUP = 1.2
+ENV_SWITCH = "HFGPT_ONEDNN"
+
+
+@functools.cache  # once per process: ~20 ms
+def onednn_speedup() -> float:
+    """MKL's time over oneDNN's for an fp32 product of a prompt's size (256 x 384 by 384 x 1,536, the `small` shape's
+    MLP), best of 5 each, alternated, at the current thread count. 2.2x on the development CPU (AMD EPYC)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 384, generator=generator)
+    weight = torch.randn(1536, 384, generator=generator)
+    kernels = {"mkl": lambda: F.linear(x, weight), "onednn": lambda: onednn_linear(x, weight, None)}
+    best = dict.fromkeys(kernels, float("inf"))
+    with torch.no_grad():
+        for _ in range(6):  # the first round warms up (oneDNN builds its kernels on first use)
+            for name, run in kernels.items():
+                start = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best["mkl"] / best["onednn"]
+
+
+def onednn_available(device: torch.device) -> tuple[bool, str]:
+    """Whether hfgpt routes fp32 linear layers on `device` through oneDNN, and why: where it is supported and
+    measured clearly faster than MKL (`onednn_speedup`), or as $HFGPT_ONEDNN (0 or 1) says."""
+    supported, why = onednn_supported(device)
+    if not supported:
+        return False, why
+    switch = os.environ.get(ENV_SWITCH, "").strip().lower()
+    if switch in ("0", "false", "no", "off"):
+        return False, f"{ENV_SWITCH}={switch}"
+    if switch in ("1", "true", "yes", "on"):
+        return True, f"{ENV_SWITCH}={switch}"
+    if switch not in ("", "auto"):
+        raise ValueError(f"{ENV_SWITCH}={switch!r}: use 1 (always), 0 (never) or leave it unset (measure)")
+    speedup = onednn_speedup()
+    if speedup < MIN_SPEEDUP:
+        return False, f"MKL's fp32 products are as fast on this CPU (oneDNN measured {speedup:.2f}x)"
+    return True, f"oneDNN's fp32 products measured {speedup:.1f}x MKL's on this CPU"
 
 
 # The op compiled steps call. Registered through `torch.library.Library` rather than `torch.library.custom_op`, whose
@@ -121,4 +174,68 @@ def onednn_linears(model: nn.Module) -> Iterator[int]:
             del layer.forward, layer._packed, layer._packed_version, layer._onednn_for_one_row
 
 
-__all__ = ["last_level_cache_bytes", "onednn_available", "onednn_linear", "onednn_linears"]
+class _OneDNNLinearFunction(torch.autograd.Function):
+    """`F.linear` with its forward and both backward products through oneDNN (weights as they are, not packed)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        rows = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:  # grad_output @ weight, as a linear layer whose weight is weight^T
+            grad_x = onednn_linear(rows, weight.t(), None).reshape(*grad_output.shape[:-1], weight.shape[1])
+        if ctx.needs_input_grad[1]:  # grad_output^T @ x
+            grad_weight = onednn_linear(rows.t(), x.reshape(-1, x.shape[-1]).t(), None)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = rows.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+class OneDNNTrainingLinears(TorchFunctionMode):
+    """Inside `with OneDNNTrainingLinears():`, every `F.linear` (so every `nn.Linear`, PEFT's LoRA layers included)
+    with fp32 CPU tensors, autocast off and at least `MIN_TRAINING_PRODUCT` multiply-adds computes its forward and
+    backward through oneDNN; anything else (small products, bf16, autocast, GPU tensors, tensor subclasses such as
+    DTensor or quantised weights) takes its ordinary path. Enter it
+    only where `onednn_available` says yes. The `small` shape's fp32 training step: 1.4-1.5x eagerly, 1.5x compiled
+    (bench/model_speed.py)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight, bias = _linear_arguments(*args, **kwargs)
+            if _trains_through_onednn(x, weight, bias):
+                return _OneDNNLinearFunction.apply(x, weight, bias)
+        return func(*args, **kwargs)
+
+
+def _linear_arguments(input, weight, bias=None):
+    return input, weight, bias
+
+
+# Smallest product (rows x in x out multiply-adds) a training step sends to oneDNN: below it oneDNN's per-call
+# overhead loses to MKL or barely wins (forward + backward of one layer, 2 threads: 4.2M multiply-adds 0.81-1.01x,
+# 9.4M 1.18x, 16.8M 1.32-1.59x, 151M 1.7-2.1x; the `tiny` preset's LM head at 8.4M made its step slower)
+MIN_TRAINING_PRODUCT = 2**24
+
+
+def _trains_through_onednn(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    plain = (torch.Tensor, nn.Parameter)
+    return (type(input) in plain and type(weight) in plain and (bias is None or type(bias) in plain)
+            and input.dtype == weight.dtype == torch.float32 and input.device.type == "cpu" and input.dim() >= 1
+            and input.layout == weight.layout == torch.strided and weight.dim() == 2
+            and not torch.is_autocast_enabled("cpu")
+            and input.numel() * weight.shape[0] >= MIN_TRAINING_PRODUCT)
+
+
+__all__ = ["ENV_SWITCH", "MIN_TRAINING_PRODUCT", "OneDNNTrainingLinears", "last_level_cache_bytes", "onednn_available", "onednn_linear",
+           "onednn_linears", "onednn_speedup", "onednn_supported"]

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hfgpt.onednn import onednn_available
+from hfgpt.hardware import compiler_available
+from hfgpt.onednn import onednn_available, onednn_supported
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the cat sat on a mat with some red blue green apples and pears near the river hill town".split()
@@ -30,8 +31,8 @@ def sentence(rng: random.Random, n: int) -> str:
 BENCH_TIMEOUT = 3600
 
 
-def run_bench(script: str, *args: str, timeout: int = BENCH_TIMEOUT) -> str:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+def run_bench(script: str, *args: str, timeout: int = BENCH_TIMEOUT, **env_overrides: str) -> str:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **env_overrides)
     done = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=REPO, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -161,14 +162,20 @@ def test_shakespeare_bench_one_configuration(tmp_path):
 
 
 def test_model_speed_bench_prints_ratios():
+    onednn = onednn_supported(torch.device("cpu"))[0]  # forced on, so that its rows are printed wherever it runs
     out = run_bench("model_speed.py", "--quick", "--shapes", "tiny", "--repeats", "1", "--threads", "1",
-                    "--device", "cpu", "--no_memory", "--train_batch", "3")
+                    "--device", "cpu", "--no_memory", "--train_batch", "3", HFGPT_ONEDNN="1")
     assert "train batch 3 x 128" in out  # the tiny preset's context
     rows = [line.split() for line in out.splitlines() if line.startswith(("train ", "generate "))]
-    # fp32 and bf16 against GPT-2 at the same precision, hfgpt's default against both; greedy decoding b1 and b4,
-    # each fp32, fp32 compiled, int8 and int8 compiled
-    assert [row[0] for row in rows] == ["train"] * 4 + ["generate"] * 8
-    assert [" ".join(row[3:5]) for row in rows[4:8]] == ["fp32 vs", "fp32 compiled", "int8 vs", "int8 compiled"]
+    # fp32 and bf16 against GPT-2 at the same precision, hfgpt's default against both, fp32 through oneDNN (eager and
+    # compiled: as `--bf16 false` trains) against GPT-2's fp32; greedy decoding b1 and b4, each fp32, fp32
+    # compiled, int8 and int8 compiled
+    trained = 4 + (0 if not onednn else 2 if compiler_available(torch.device("cpu"))[0] else 1)
+    assert [row[0] for row in rows] == ["train"] * trained + ["generate"] * 8
+    if trained == 6:
+        assert [" ".join(row[1:4]) for row in rows[4:6]] == ["hfgpt fp32 oneDNN", "hfgpt fp32 compiled"]
+    assert [" ".join(row[3:5]) for row in rows[trained:trained + 4]] == ["fp32 vs", "fp32 compiled", "int8 vs",
+                                                                       "int8 compiled"]
     for row in rows:
         ratio = float(row[-2])
         assert 0 < ratio < math.inf, row  # its size is the machine's business (load, threads), not the test's

@@ -1,4 +1,7 @@
-"""fp32 linear layers through oneDNN during inference (hfgpt.onednn): same results, ordinary path for training."""
+"""fp32 linear layers through oneDNN (hfgpt.onednn): for inference (same results, packed weights) and for training
+(same gradients); used where measured faster than MKL or as $HFGPT_ONEDNN says."""
+
+import contextlib
 
 import pytest
 import torch
@@ -6,10 +9,18 @@ from torch.profiler import ProfilerActivity, profile
 
 from hfgpt import HFGPTConfig, HFGPTForCausalLM
 from hfgpt.generation import generate
-from hfgpt.onednn import onednn_available, onednn_linears
+from hfgpt import onednn
+from hfgpt.onednn import ENV_SWITCH, MIN_TRAINING_PRODUCT, OneDNNTrainingLinears, onednn_available, onednn_linears
+from hfgpt.onednn import onednn_supported
 
 CPU = torch.device("cpu")
-pytestmark = pytest.mark.skipif(not onednn_available(CPU)[0], reason=onednn_available(CPU)[1])
+pytestmark = pytest.mark.skipif(not onednn_supported(CPU)[0], reason=onednn_supported(CPU)[1])
+
+
+@pytest.fixture(autouse=True)
+def onednn_on(monkeypatch):
+    """Every test here exercises oneDNN, whatever this CPU's measurement chose (the choice has its own test)."""
+    monkeypatch.setenv(ENV_SWITCH, "1")
 
 
 def tiny_model() -> HFGPTForCausalLM:
@@ -17,12 +28,11 @@ def tiny_model() -> HFGPTForCausalLM:
     return HFGPTForCausalLM(HFGPTConfig.from_preset("tiny", bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
 
 
-def onednn_calls(run) -> int:
-    """How many oneDNN linear calls `run()` makes (the eager op or hfgpt's compiled custom op)."""
+def onednn_calls(run, ops=("mkldnn::_linear_pointwise", "hfgpt::onednn_linear")) -> int:
+    """How many oneDNN linear calls `run()` makes (the eager op or hfgpt's op, which calls the eager one)."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
-    return sum(event.count for event in prof.key_averages()
-               if event.key in ("mkldnn::_linear_pointwise", "hfgpt::onednn_linear"))
+    return sum(event.count for event in prof.key_averages() if event.key in ops)
 
 
 def routed_layers(model) -> list:
@@ -115,3 +125,109 @@ def test_eager_decoding_uses_it_and_gives_generates_tokens():
         assert torch.equal(generate(model, ids, compiled=False, **settings), expected)
         assert onednn_calls(lambda: generate(model, ids, compiled=False, **settings)) > 0
     assert routed_layers(model) == []
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# When: supported, measured faster, or as $HFGPT_ONEDNN says
+
+
+def test_it_is_used_where_measured_faster_or_as_the_switch_says(monkeypatch):
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    monkeypatch.setattr(onednn, "onednn_speedup", lambda: 1.05)
+    available, why = onednn_available(CPU)
+    assert not available and "as fast" in why
+    monkeypatch.setattr(onednn, "onednn_speedup", lambda: 2.2)
+    assert onednn_available(CPU) == (True, "oneDNN's fp32 products measured 2.2x MKL's on this CPU")
+    monkeypatch.setenv(ENV_SWITCH, "0")
+    assert not onednn_available(CPU)[0]
+    with onednn_linears(tiny_model()) as routed:
+        assert routed == 0
+    monkeypatch.setattr(onednn, "onednn_speedup", lambda: 1.0)
+    monkeypatch.setenv(ENV_SWITCH, "1")
+    assert onednn_available(CPU)[0]
+    monkeypatch.setenv(ENV_SWITCH, "sometimes")
+    with pytest.raises(ValueError, match="HFGPT_ONEDNN='sometimes': use 1"):
+        onednn_available(CPU)
+
+
+def test_the_speedup_is_a_measured_ratio():
+    onednn.onednn_speedup.cache_clear()
+    speedup = onednn.onednn_speedup()
+    assert 0.05 < speedup < 50 and onednn.onednn_speedup() == speedup  # measured once per process
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training: forward and backward products through oneDNN (OneDNNTrainingLinears)
+
+
+@pytest.fixture
+def every_product(monkeypatch):
+    """Route products of any size (the tiny shapes here are below MIN_TRAINING_PRODUCT)."""
+    monkeypatch.setattr(onednn, "MIN_TRAINING_PRODUCT", 0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("weight_trains", [True, False])  # False: a frozen base layer under LoRA
+def test_training_products_match_f_linear_forward_and_backward(every_product, bias, weight_trains):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 80, bias=bias)
+    layer.weight.requires_grad_(weight_trains)
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    upstream = torch.randn(3, 7, 80)
+
+    def grads(block):
+        x.grad = None
+        layer.zero_grad()
+        with block:
+            y = layer(x)
+        (y * upstream).sum().backward()
+        return [y.detach(), x.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+
+    expected = grads(contextlib.nullcontext())
+    got = []
+    calls = onednn_calls(lambda: got.extend(grads(OneDNNTrainingLinears())), ops=("hfgpt::onednn_linear",))
+    assert calls == 2 + weight_trains  # forward, the input's gradient, the weight's when it trains
+    assert len(got) == len(expected) == 2 + weight_trains + bias
+    for ours, reference in zip(got, expected):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_training_leaves_small_products_bf16_and_autocast_alone():
+    layer = torch.nn.Linear(64, 64)
+    x = torch.randn(4, 64)
+    with OneDNNTrainingLinears():
+        assert onednn_calls(lambda: layer(x)) == 0  # 16K multiply-adds: MKL is quicker
+        big = torch.nn.Linear(512, 512)
+        rows = torch.randn(MIN_TRAINING_PRODUCT // 512**2, 512)
+        assert onednn_calls(lambda: big(rows), ops=("hfgpt::onednn_linear",)) == 1
+        assert onednn_calls(lambda: big.to(torch.bfloat16)(rows.to(torch.bfloat16))) == 0
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert onednn_calls(lambda: big.float()(rows)) == 0
+
+
+def test_a_compiled_training_step_goes_through_onednn_without_recompiling(every_product):
+    from hfgpt.training.speed import compile_with_fallback
+
+    # torch 2.13's dynamo, after a trace that the model's own error ended (test_speed checks that case), retraces the
+    # same forward under a TorchFunctionMode wrongly (`tensor.device` comes back as a torch.Size): start clean
+    torch._dynamo.reset()
+    model = tiny_model().train()
+    reference = tiny_model().train()
+    compile_with_fallback(model)
+    ids = torch.randint(1, 512, (2, 16))
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, reference)]
+    torch._dynamo.utils.counters.clear()
+    for step in range(3):
+        with OneDNNTrainingLinears():
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        expected = reference(ids, labels=ids).loss
+        expected.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    assert getattr(model, "hfgpt_compile_error", None) is None
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # a new mode object each step: no recompile
+    with OneDNNTrainingLinears():
+        assert onednn_calls(lambda: model(ids, labels=ids).loss.backward()) > 0

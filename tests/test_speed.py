@@ -13,7 +13,7 @@ from transformers import TrainingArguments
 
 from hfgpt import HFGPTConfig, HFGPTForCausalLM, files, flops
 from hfgpt.generation import generate, static_cache_length
-from hfgpt.onednn import onednn_available
+from hfgpt.onednn import onednn_available, onednn_supported
 from hfgpt.training import speed
 from hfgpt.training.common import NonFiniteTrainingError
 from hfgpt.training.pretrain import PretrainingArguments, main
@@ -189,6 +189,33 @@ def test_every_training_log_has_tokens_per_second_and_mfu(tmp_path, corpus_file,
     assert summary["tokens_per_second"] > 0 and summary["torch_compile"] is False
     card = (tmp_path / files.MODEL_CARD).read_text()
     assert "tokens_per_second" in card and "mfu" in card
+
+
+@pytest.mark.skipif(not onednn_supported(torch.device("cpu"))[0], reason=onednn_supported(torch.device("cpu"))[1])
+def test_fp32_training_goes_through_onednn_says_so_and_learns_the_same(tmp_path, corpus_file, tokenizer_dir,  # noqa: F811
+                                                                     monkeypatch, capsys):
+    """HFGPT_ONEDNN=1 / 0 force the choice that is otherwise measured; the tiny model's products are all below the
+    size from which oneDNN pays, so the threshold is lowered. Same data, same seed: fp32 both ways, the products
+    summed in another order, so the losses agree to float rounding (measured: ~1e-7 relative)."""
+    monkeypatch.setattr("hfgpt.onednn.MIN_TRAINING_PRODUCT", 0)
+    monkeypatch.setattr(flops, "matmul_peak", lambda dtype, device: 1e11)  # its measurement would count too
+    common = ["--bf16", "false", "--torch_compile", "false"]
+    calls = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv("HFGPT_ONEDNN", switch)
+        args = tiny_run_args(tmp_path / switch, corpus_file, tokenizer_dir, *common)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            assert main(args) == 0
+        calls[switch] = sum(event.count for event in prof.key_averages() if event.key == "hfgpt::onednn_linear")
+        line = capsys.readouterr().out
+        assert ("fp32 linear layers through oneDNN: HFGPT_ONEDNN=1" in line) == (switch == "1"), line
+        summary = json.loads((tmp_path / switch / files.TRAINING_SUMMARY).read_text())["speed"]
+        assert summary["fp32_linears_through_onednn"] is (switch == "1")
+    # 13 linear layers (2 blocks x q, k, v, o, up, down; the LM head): 6 steps x 3 products (forward, two backward),
+    # and the final evaluation's forward (one batch)
+    assert calls == {"1": 13 * (6 * 3 + 1), "0": 0}
+    for ours, reference in zip(logged(tmp_path / "1"), logged(tmp_path / "0"), strict=True):
+        assert ours == pytest.approx(reference, rel=1e-5)
 
 
 def test_compiled_training_still_stops_a_diverged_run(tmp_path, corpus_file, tokenizer_dir,  # noqa: F811
