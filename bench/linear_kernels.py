@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -26,10 +27,24 @@ from torch.nn import functional as F
 
 from hfgpt import HFGPTConfig, HFGPTForCausalLM
 from hfgpt.evaluation import perplexity
-from hfgpt.onednn import onednn_available
+from hfgpt.onednn import ENV_SWITCH, onednn_available, onednn_supported
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@contextlib.contextmanager
+def onednn_switch(on: bool) -> Iterator[None]:
+    """hfgpt's own switch ($HFGPT_ONEDNN), set for the block and restored after."""
+    before = os.environ.get(ENV_SWITCH)
+    os.environ[ENV_SWITCH] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[ENV_SWITCH]
+        else:
+            os.environ[ENV_SWITCH] = before
 
 
 def median_ms(run: Callable[[], object], repeats: int, calls: int) -> float:
@@ -71,10 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    available, why = onednn_available(torch.device("cpu"))
-    if not available:
-        print(f"oneDNN's fp32 linear is not used here: {why}")
+    supported, why = onednn_supported(torch.device("cpu"))
+    if not supported:
+        print(f"oneDNN's fp32 linear is not available here: {why}")
         return 1
+    print(f"hfgpt's choice on this machine: {'oneDNN' if onednn_available(torch.device('cpu'))[0] else 'MKL'} "
+          f"({onednn_available(torch.device('cpu'))[1]})")
 
     torch.manual_seed(0)
     model = HFGPTForCausalLM(HFGPTConfig.from_preset(args.preset, vocab_size=257)).eval()
@@ -104,15 +121,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.perplexity_chars:
         text = Path(args.text).read_text()[: args.perplexity_chars]
-        tokenizer, routed = byte_tokenizer(), perplexity.onednn_linears
+        tokenizer = byte_tokenizer()
         window = min(256, model.config.max_position_embeddings)
         seconds = {"MKL": [], "oneDNN": []}
         for label in ["oneDNN", "MKL"] * (1 + max(1, args.repeats // 2)):  # the first pair is a warm-up
-            perplexity.onednn_linears = routed if label == "oneDNN" else (lambda model: contextlib.nullcontext())
-            start = time.perf_counter()
-            perplexity.compute_perplexity([text], model, tokenizer, batch_size=8, max_length=window, progress=False)
-            seconds[label].append(time.perf_counter() - start)
-        perplexity.onednn_linears = routed
+            with onednn_switch(label == "oneDNN"):
+                start = time.perf_counter()
+                perplexity.compute_perplexity([text], model, tokenizer, batch_size=8, max_length=window,
+                                              progress=False)
+                seconds[label].append(time.perf_counter() - start)
         mkl, onednn = (statistics.median(seconds[label][1:]) for label in ("MKL", "oneDNN"))
         print(f"\nperplexity of {len(text):,} characters (one token each, windows of {window}): MKL {mkl:.1f} s, "
               f"oneDNN {onednn:.1f} s ({mkl / onednn:.2f}x)")

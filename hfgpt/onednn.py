@@ -237,5 +237,5 @@ def _trains_through_onednn(input: torch.Tensor, weight: torch.Tensor, bias: torc
             and input.numel() * weight.shape[0] >= MIN_TRAINING_PRODUCT)
 
 
-__all__ = ["ENV_SWITCH", "MIN_TRAINING_PRODUCT", "OneDNNTrainingLinears", "last_level_cache_bytes", "onednn_available", "onednn_linear",
-           "onednn_linears", "onednn_speedup", "onednn_supported"]
+__all__ = ["ENV_SWITCH", "MIN_TRAINING_PRODUCT", "OneDNNTrainingLinears", "last_level_cache_bytes", "onednn_available",
+           "onednn_linear", "onednn_linears", "onednn_speedup", "onednn_supported"]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from hfgpt.hardware import compiler_available
-from hfgpt.onednn import onednn_available, onednn_supported
+from hfgpt.onednn import onednn_supported
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the cat sat on a mat with some red blue green apples and pears near the river hill town".split()
@@ -243,13 +243,14 @@ def test_gpu_checks_script_runs_every_check_and_records_each_exit_code(tmp_path)
         assert (tmp_path / f"{name}.txt").is_file()
 
 
-@pytest.mark.skipif(not onednn_available(torch.device("cpu"))[0], reason="oneDNN's fp32 linear is not used here")
+@pytest.mark.skipif(not onednn_supported(torch.device("cpu"))[0], reason="this CPU or torch build has no oneDNN")
 def test_linear_kernels_bench_prints_mkl_and_onednn_side_by_side(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("To be, or not to be, that is the question.\n" * 40)
     out = run_bench("linear_kernels.py", "--preset", "tiny", "--rows", "1", "4", "--repeats", "1", "--threads", "1",
                     "--text", str(text), "--perplexity_chars", "1000")
     assert "tiny: 13 linear layers, 0.5 MB of fp32 weights" in out and "memory read bandwidth:" in out
+    assert re.search(r"hfgpt's choice on this machine: (oneDNN|MKL) \(", out)
     rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0] in ("1", "4")]
     assert [row[0] for row in rows] == ["1", "4"] and all(float(row[-1].rstrip("x")) > 0 for row in rows)
     assert re.search(r"perplexity of 1,000 characters .*: MKL [\d.]+ s, oneDNN [\d.]+ s", out)

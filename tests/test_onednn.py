@@ -127,6 +127,21 @@ def test_eager_decoding_uses_it_and_gives_generates_tokens():
     assert routed_layers(model) == []
 
 
+def test_batched_answers_pack_the_weights_once(tiny_tokenizer):
+    from hfgpt.evaluation.cli import generate_responses
+
+    model = tiny_model()
+    prompts = ["the cat sat", "a red apple", "near the river", "blue hill", "some pears"]
+    responses = []
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        responses += generate_responses(model, tiny_tokenizer, prompts, max_new_tokens=4, batch_size=2,
+                                        progress=False)[0]
+    packed = sum(event.count for event in prof.key_averages() if event.key == "mkldnn::_reorder_linear_weight")
+    layers = sum(type(module) is torch.nn.Linear for module in model.modules())
+    assert len(responses) == 5 and packed == layers  # three batches, one packing
+    assert routed_layers(model) == []
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # When: supported, measured faster, or as $HFGPT_ONEDNN says
 

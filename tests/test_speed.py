@@ -192,8 +192,8 @@ def test_every_training_log_has_tokens_per_second_and_mfu(tmp_path, corpus_file,
 
 
 @pytest.mark.skipif(not onednn_supported(torch.device("cpu"))[0], reason=onednn_supported(torch.device("cpu"))[1])
-def test_fp32_training_goes_through_onednn_says_so_and_learns_the_same(tmp_path, corpus_file, tokenizer_dir,  # noqa: F811
-                                                                     monkeypatch, capsys):
+def test_fp32_training_goes_through_onednn_says_so_and_learns_the_same(
+        tmp_path, corpus_file, tokenizer_dir, monkeypatch, capsys):  # noqa: F811
     """HFGPT_ONEDNN=1 / 0 force the choice that is otherwise measured; the tiny model's products are all below the
     size from which oneDNN pays, so the threshold is lowered. Same data, same seed: fp32 both ways, the products
     summed in another order, so the losses agree to float rounding (measured: ~1e-7 relative)."""

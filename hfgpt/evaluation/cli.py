@@ -263,6 +263,7 @@ def generate_responses(model, tokenizer, prompts: list, max_new_tokens: int = 12
     from tqdm.auto import tqdm
 
     from ..generation import compiled_by_default, generate
+    from ..onednn import onednn_linears
     from .perplexity import model_context_length
 
     if max_new_tokens < 1:
@@ -279,26 +280,29 @@ def generate_responses(model, tokenizer, prompts: list, max_new_tokens: int = 12
     device = next(model.parameters()).device
     compiled = compiled_by_default(model)
     responses, truncated = [], 0
-    for start in tqdm(range(0, len(texts), batch_size), desc="generating", unit="batch", disable=not progress):
-        encoded = [tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
-                   for text in texts[start : start + batch_size]]
-        if room is not None:
-            truncated += sum(len(ids) > room for ids in encoded)
-            encoded = [ids[-room:] for ids in encoded]  # keep the end: it holds the generation prompt
-        rows = len(encoded)
-        if compiled and len(texts) > batch_size:  # a short last batch repeats a prompt: the compiled step is reused
-            encoded += [encoded[0]] * (batch_size - rows)
-        width = max(map(len, encoded))
-        input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, ids in enumerate(encoded):
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention_mask[row, width - len(ids):] = 1
-        with torch.no_grad():
-            output = generate(model, input_ids.to(device), attention_mask=attention_mask.to(device), compiled=compiled,
-                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        responses += [text.strip()
-                      for text in tokenizer.batch_decode(output[:rows, width:], skip_special_tokens=True)]
+    # the weights packed for oneDNN once for all batches, not at every generate() call (hfgpt.onednn)
+    with onednn_linears(model):
+        for start in tqdm(range(0, len(texts), batch_size), desc="generating", unit="batch", disable=not progress):
+            encoded = [tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+                       for text in texts[start : start + batch_size]]
+            if room is not None:
+                truncated += sum(len(ids) > room for ids in encoded)
+                encoded = [ids[-room:] for ids in encoded]  # keep the end: it holds the generation prompt
+            rows = len(encoded)
+            if compiled and len(texts) > batch_size:  # a short last batch repeats a prompt: reuses the compiled step
+                encoded += [encoded[0]] * (batch_size - rows)
+            width = max(map(len, encoded))
+            input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros_like(input_ids)
+            for row, ids in enumerate(encoded):
+                input_ids[row, width - len(ids):] = torch.tensor(ids)
+                attention_mask[row, width - len(ids):] = 1
+            with torch.no_grad():
+                output = generate(model, input_ids.to(device), attention_mask=attention_mask.to(device),
+                                  compiled=compiled, max_new_tokens=max_new_tokens, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id)
+            responses += [text.strip()
+                          for text in tokenizer.batch_decode(output[:rows, width:], skip_special_tokens=True)]
     return responses, truncated
 
 
