@@ -415,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         print_table(("benchmark", "against", "hfgpt tok/s", "gpt2 tok/s", "hfgpt/gpt2", "per-run range"), rows)
 
         if workload.memory and not args.no_memory:
-            memory_settings = [default, Setting("gpt2", False, False), Setting("gpt2", True, False)]
+            memory_settings = [default, *(setting for setting in fp32_settings if setting.onednn),
+                               Setting("gpt2", False, False), Setting("gpt2", True, False)]
             memory = measure_memory(shape_name, memory_settings, workload.train_batch, torch.get_num_threads(),
                                     device)
             if memory:

@@ -57,9 +57,10 @@ def can_compile_decoding(model) -> tuple[bool, str]:
 def compiled_by_default(model) -> bool:
     """Compiled decoding pays where a decoding step is dominated by per-operation overhead: kernel launches on a GPU,
     and on a CPU once the weights are int8 (`hfgpt.quantization`: 14 MB at the `small` shape, read from cache, so
-    Python and dispatch are what is left; 4.4x GPT-2's generate() compiled against 2.6x eager at batch 1). An fp32
-    model on a CPU decodes as fast eagerly (oneDNN linears: 1.43x GPT-2's generate() eager, 1.33x compiled at batch 1,
-    bench/model_speed.py), so there it is opt-in."""
+    Python and dispatch are what is left; 4.1-4.4x GPT-2's generate() compiled against 2.4-2.6x eager at batch 1). An
+    fp32 model on a CPU gains only 4-9% from it (oneDNN linears: 1.32x GPT-2's generate() eager, 1.38x compiled at
+    batch 1; 1.97x / 2.14x at batch 4; bench/model_speed.py), less than compiling costs a short run, so there it is
+    opt-in."""
     if not can_compile_decoding(model)[0]:
         return False
     from .quantization import has_int8_weights
