@@ -10,23 +10,26 @@ tokens/s with MFU, read from the run's training_summary.json.
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+# name -> (pretrain flags, environment). "before": fp32 eager through MKL, as `hfgpt pretrain` trained before the speed
+# work (HFGPT_ONEDNN=0: fp32 runs now compute their linear layers through oneDNN where it is faster, hfgpt.onednn)
 SETTINGS = {
-    "fp32 eager (before)": ["--bf16", "false", "--torch_compile", "false"],
-    "hfgpt defaults": [],
+    "fp32 eager (before)": (["--bf16", "false", "--torch_compile", "false"], {"HFGPT_ONEDNN": "0"}),
+    "hfgpt defaults": ([], {}),
 }
 
 
-def run(flags: list[str], extra: list[str], output_dir: Path) -> dict:
+def run(flags: list[str], env: dict[str, str], extra: list[str], output_dir: Path) -> dict:
     command = [sys.executable, "-m", "hfgpt.cli", "pretrain", "--output_dir", str(output_dir), "--disable_tqdm", "true",
                *flags, *extra]
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env={**os.environ, **env})
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
@@ -45,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = {}
     with tempfile.TemporaryDirectory(prefix="hfgpt-main-job-") as tmp:
-        for name, flags in SETTINGS.items():
-            results[name] = run(flags, args.extra, Path(tmp) / name.replace(" ", "-"))
+        for name, (flags, env) in SETTINGS.items():
+            results[name] = run(flags, env, args.extra, Path(tmp) / name.replace(" ", "-"))
             print(name, json.dumps(results[name]), flush=True)
     print(f"\n{'setting':<22} {'wall s':>7} {'train s':>8} {'perplexity':>10} {'tok/s':>8} {'MFU':>6}")
     for name, result in results.items():

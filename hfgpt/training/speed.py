@@ -28,7 +28,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .. import flops
-from ..hardware import compiler_available, native_bf16
+from ..hardware import compiled_attention_written_out, compiler_available, native_bf16
 from ..onednn import OneDNNTrainingLinears, onednn_available
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -208,13 +208,11 @@ EAGER_ATTENTION_MAX_CONTEXT = 1024
 
 
 def attention_for_compiled_training(model: nn.Module, device: torch.device) -> str | None:
-    """On a CPU, a compiled model trains faster with attention written out (`eager`: matrix products and a softmax
-    that inductor fuses) than with sdpa, whose CPU flash kernel is opaque to the compiler and slow backwards (the
-    `small` shape in bf16: 3,108 against 2,683 tokens/s on one thread; 2,162 against 1,773 at context 1024). On GPUs
-    sdpa's flash kernels win. Returns what was changed, for the start-of-run line, or None."""
-    config = model.config
-    if (device.type != "cpu" or config._attn_implementation != "sdpa"
-            or getattr(config, "max_position_embeddings", 0) > EAGER_ATTENTION_MAX_CONTEXT):
+    """Attention written out for compiled training where it trains faster (`compiled_attention_written_out`: on a
+    CPU), up to `EAGER_ATTENTION_MAX_CONTEXT`; `uncompile` restores the model's own. Returns what was changed, for the
+    start-of-run line, or None."""
+    if (not compiled_attention_written_out(model, device)
+            or getattr(model.config, "max_position_embeddings", 0) > EAGER_ATTENTION_MAX_CONTEXT):
         return None
     model.set_attn_implementation("eager")
     model.hfgpt_attention_before_training = "sdpa"
