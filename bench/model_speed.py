@@ -27,6 +27,7 @@ matmul peaks measured in the same run. A benchmark, not a test: nothing is asser
     python bench/model_speed.py --quick      # a short run (smaller batch, fewer repeats, no memory processes)
     python bench/model_speed.py --shapes tiny small-gpt2vocab --threads 1 --timer cpu   # on a busy shared CPU
     python bench/model_speed.py --device cuda --shapes gpt2 --train_batch 16 --no_generate  # the GPU MFU target
+    python bench/model_speed.py --shapes gpt2 --no_train --repeats 3   # decoding at GPT-2 small's shape (124M)
 
 On a busy shared CPU, elapsed (wall) time mostly measures the other processes (check `uptime` first). `--threads 1
 --timer cpu` counts only this process's CPU time; the per-run range column shows what noise remains.
@@ -184,6 +185,41 @@ def generate_runner(model, compiled: bool | None, batch: int, prompt_length: int
     return run
 
 
+def training_rows(models: dict, hfgpt_settings: list[Setting], workload: Workload, length: int, device, clock,
+                  peaks: dict, train_flops: float) -> list[tuple[str, ...]]:
+    """Training steps: both models in fp32 and bf16 as they come, and `hfgpt_settings` (hfgpt's default here, then
+    fp32 as hfgpt trains it); prints every setting's rate and MFU, returns the comparison rows against GPT-2."""
+    default, *fp32_settings = hfgpt_settings
+    settings = [Setting("hfgpt", False, False), Setting("gpt2", False, False), Setting("hfgpt", True, False),
+                Setting("gpt2", True, False)]
+    settings += [setting for setting in hfgpt_settings if setting not in settings]
+    # every setting on its own copy of the same weights
+    runners = {setting.name: train_step_runner(copy.deepcopy(models[setting.model]), setting, workload.train_batch,
+                                               length, device) for setting in settings}
+    rates, warmups = measure(runners, workload.repeats, workload.warmup, workload.min_seconds, clock, device)
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+
+    def mfu_cells(name: str) -> tuple[str, str]:
+        achieved = medians[name] * train_flops
+        return f"{achieved / peaks[torch.float32]:.1%}", f"{achieved / peaks[torch.bfloat16]:.1%}"
+
+    print("\n  training settings (tokens/s; MFU against the fp32 and the bf16 peak; warm-up seconds)")
+    print_table(("setting", "", "tok/s", "MFU fp32 peak", "MFU bf16 peak", "warm-up s"),
+                [(name, "", f"{medians[name]:,.0f}", *mfu_cells(name), f"{warmups[name]:.1f}") for name in runners])
+    comparisons = [(Setting("hfgpt", False, False), Setting("gpt2", False, False)),
+                   (Setting("hfgpt", True, False), Setting("gpt2", True, False)),
+                   (default, Setting("gpt2", False, False)),
+                   (default, Setting("gpt2", True, False))]
+    comparisons += [(setting, Setting("gpt2", False, False)) for setting in fp32_settings if setting.onednn]
+    rows = []
+    for ours, theirs in comparisons:
+        per_repeat = [a / b for a, b in zip(rates[ours.name], rates[theirs.name])]
+        rows.append((f"train {ours.name}", f"vs {theirs.name}", f"{medians[ours.name]:,.0f}",
+                     f"{medians[theirs.name]:,.0f}", f"{medians[ours.name] / medians[theirs.name]:.2f}",
+                     f"{min(per_repeat):.2f}-{max(per_repeat):.2f}"))
+    return rows
+
+
 def token_agreement(ours: torch.Tensor, reference: torch.Tensor, prompt_length: int) -> float:
     """Fraction of generated positions where two greedy decodings chose the same token."""
     return (ours[:, prompt_length:] == reference[:, prompt_length:]).float().mean().item()
@@ -329,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train_batch", type=int, default=None,
                         help="training rows per step (default: 4, quick: 2); a GPU needs more to be busy")
     parser.add_argument("--no_generate", action="store_true", help="skip the decoding rows")
+    parser.add_argument("--no_train", action="store_true", help="skip the training rows (and the memory processes)")
     parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument(
         "--timer", choices=list(CLOCKS), default="wall",
@@ -374,47 +411,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{counts.total / 1e6:.2f}M parameters ({counts.non_embedding / 1e6:.2f}M non-embedding); "
               f"{train_flops / 1e6:.1f} MFLOP per trained token; train batch {workload.train_batch} x {length}")
 
-        # training: every setting on its own copy of the same weights
-        settings = [Setting("hfgpt", False, False), Setting("gpt2", False, False), Setting("hfgpt", True, False),
-                    Setting("gpt2", True, False)]
-        fp32_eager = dataclasses.replace(fp32_default, compiled=False)  # --bf16 false --torch_compile false
-        for setting in (default, fp32_eager, fp32_default):
-            if setting not in settings:
-                settings.append(setting)
-        runners = {setting.name: train_step_runner(copy.deepcopy(models[setting.model]), setting,
-                                                   workload.train_batch, length, device) for setting in settings}
         clock = CLOCKS[args.timer]
-        rates, warmups = measure(runners, workload.repeats, workload.warmup, workload.min_seconds, clock, device)
-        medians = {name: statistics.median(values) for name, values in rates.items()}
-
-        def mfu_cells(name: str) -> tuple[str, str]:
-            achieved = medians[name] * train_flops
-            return f"{achieved / peaks[torch.float32]:.1%}", f"{achieved / peaks[torch.bfloat16]:.1%}"
-
-        print("\n  training settings (tokens/s; MFU against the fp32 and the bf16 peak; warm-up seconds)")
-        print_table(("setting", "", "tok/s", "MFU fp32 peak", "MFU bf16 peak", "warm-up s"),
-                    [(name, "", f"{medians[name]:,.0f}", *mfu_cells(name), f"{warmups[name]:.1f}")
-                     for name in runners])
-        comparisons = [(Setting("hfgpt", False, False), Setting("gpt2", False, False)),
-                       (Setting("hfgpt", True, False), Setting("gpt2", True, False)),
-                       (default, Setting("gpt2", False, False)),
-                       (default, Setting("gpt2", True, False))]
-        fp32_settings = dict.fromkeys((fp32_eager, fp32_default))  # one setting where nothing compiles
-        comparisons += [(setting, Setting("gpt2", False, False)) for setting in fp32_settings if setting.onednn]
-        rows = []
-        for ours, theirs in comparisons:
-            per_repeat = [a / b for a, b in zip(rates[ours.name], rates[theirs.name])]
-            rows.append((f"train {ours.name}", f"vs {theirs.name}", f"{medians[ours.name]:,.0f}",
-                         f"{medians[theirs.name]:,.0f}", f"{medians[ours.name] / medians[theirs.name]:.2f}",
-                         f"{min(per_repeat):.2f}-{max(per_repeat):.2f}"))
-
+        # fp32 as `hfgpt pretrain --bf16 false` trains here: eagerly (--torch_compile false) and compiled (the same
+        # setting where nothing compiles)
+        fp32_settings = list(dict.fromkeys((dataclasses.replace(fp32_default, compiled=False), fp32_default)))
+        rows = [] if args.no_train else training_rows(models, [default, *fp32_settings], workload, length, device,
+                                                      clock, peaks, train_flops)
         if not args.no_generate:
             rows += decoding_rows(models, workload, device, clock)
 
         print(f"\n  {shape_name}: hfgpt against GPT-2 (ratio of medians, > 1: hfgpt faster)")
         print_table(("benchmark", "against", "hfgpt tok/s", "gpt2 tok/s", "hfgpt/gpt2", "per-run range"), rows)
 
-        if workload.memory and not args.no_memory:
+        if workload.memory and not args.no_memory and not args.no_train:
             memory_settings = [default, *(setting for setting in fp32_settings if setting.onednn),
                                Setting("gpt2", False, False), Setting("gpt2", True, False)]
             memory = measure_memory(shape_name, memory_settings, workload.train_batch, torch.get_num_threads(),

@@ -48,6 +48,8 @@ def onednn_supported(device: torch.device) -> tuple[bool, str]:
         return False, f"oneDNN's fp32 linear is a CPU kernel (the model is on {device.type})"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False, f"measured on x86 CPUs only (this is {platform.machine()})"
+    if not torch.backends.mkldnn.enabled:
+        return False, "oneDNN is switched off (torch.backends.mkldnn.enabled is False)"
     if not torch.backends.mkldnn.is_available() or not all(
             hasattr(torch.ops.mkldnn, op) for op in ("_linear_pointwise", "_reorder_linear_weight")):
         return False, "this torch build has no oneDNN"
