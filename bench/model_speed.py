@@ -53,7 +53,7 @@ from hfgpt import HFGPTConfig, HFGPTForCausalLM, flops
 from hfgpt.convert.gpt2 import gpt2_config_from_hfgpt, gpt2_state_dict_from_hfgpt
 from hfgpt.generation import generate as compiled_generate
 from hfgpt.hardware import compiler_available, native_bf16
-from hfgpt.onednn import OneDNNTrainingLinears, onednn_available
+from hfgpt.onednn import onednn_available, onednn_training_linears
 from hfgpt.quantization import quantize_int8
 from hfgpt.training.speed import attention_for_compiled_training, compile_with_fallback
 
@@ -137,20 +137,23 @@ def train_step_runner(model, setting: Setting, batch: int, length: int, device) 
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator).to(device)
     model.train()
+    routing = contextlib.ExitStack()  # held by step: the layers stay routed while it lives, as for a whole train()
+    if setting.onednn:
+        routing.enter_context(onednn_training_linears(model))
     if setting.compiled:  # as hfgpt's Trainer compiles a model (hfgpt.training.speed.SpeedMixin)
         attention_for_compiled_training(model, device)
         compile_with_fallback(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step() -> int:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=setting.bf16), \
-                OneDNNTrainingLinears() if setting.onednn else contextlib.nullcontext():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=setting.bf16):
             loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
-        loss.backward()  # the products recorded in the forward (oneDNN's or MKL's) are the backward's
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return batch * length
 
+    step.routing = routing
     return step
 
 

@@ -17,9 +17,9 @@ weights in oneDNN's blocked layout; four tokens 5.3 against 2.2 and 1.4 ms; 256 
   made on entry). A layer still takes the ordinary path whenever gradients are on, autocast is on, or the input is not
   fp32; and for one row (a batch-1 decoding step) when the model's linear weights fit in the CPU's last-level cache,
   where MKL's matrix-vector product is the quicker one.
-- `OneDNNTrainingLinears()`, a `with` block (a TorchFunctionMode, which torch.compile traces), computes every fp32
-  `F.linear` on the CPU inside it, forward and backward, through oneDNN with the weights as they are (no packing: they
-  change at every step). hfgpt's Trainers open it around each step of an fp32 run (hfgpt.training.speed).
+- `onednn_training_linears(model)`, a `with` block, routes the same layers' forward and backward products through
+  oneDNN with the weights as they are (no packing: they change at every step), for products large enough to gain.
+  hfgpt's Trainers open it around training and evaluation in an fp32 run (hfgpt.training.speed).
 
 Under torch.compile the call is the op `hfgpt::onednn_linear`, as inductor lowers oneDNN's own op only for frozen
 (constant) weights.
@@ -39,7 +39,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.overrides import TorchFunctionMode
 
 
 def onednn_supported(device: torch.device) -> tuple[bool, str]:
@@ -151,16 +150,21 @@ def _pack(layer: nn.Linear) -> None:
     layer._packed_version = layer.weight._version
 
 
-@contextlib.contextmanager
-def onednn_linears(model: nn.Module) -> Iterator[int]:
-    """Inside the block, `model`'s fp32 `nn.Linear` layers on an x86 CPU compute through oneDNN with packed copies of
-    their weights (see the module docstring); yields how many layers it routed (0 where `onednn_available` says no)."""
+def _routable_linears(model: nn.Module) -> list[nn.Linear]:
+    """The plain fp32 CPU `nn.Linear` layers of `model` that no enclosing block routes yet; none where oneDNN is not
+    used (`onednn_available`)."""
     layers = [module for module in model.modules()
               if type(module) is nn.Linear and type(module.weight.data) is torch.Tensor  # not sharded (DTensor)
               and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32
               and "forward" not in vars(module)]
-    if not layers or not onednn_available(layers[0].weight.device)[0]:
-        layers = []
+    return layers if layers and onednn_available(layers[0].weight.device)[0] else []
+
+
+@contextlib.contextmanager
+def onednn_linears(model: nn.Module) -> Iterator[int]:
+    """Inside the block, `model`'s fp32 `nn.Linear` layers on an x86 CPU compute through oneDNN with packed copies of
+    their weights (see the module docstring); yields how many layers it routed (0 where `onednn_available` says no)."""
+    layers = _routable_linears(model)
     # One row (a batch-1 decoding step) only pays where the weights stream from memory: for weights that stay in the
     # cache between tokens MKL's matrix-vector product is quicker than oneDNN's per-call overhead (the `mini` preset,
     # 17 MB: 0.23 against 0.39 ms a step; `small`, 55 MB: 2.5 against 1.0 ms; bench/linear_kernels.py)
@@ -203,25 +207,29 @@ class _OneDNNLinearFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
-class OneDNNTrainingLinears(TorchFunctionMode):
-    """Inside `with OneDNNTrainingLinears():`, every `F.linear` (so every `nn.Linear`, PEFT's LoRA layers included)
-    with fp32 CPU tensors, autocast off and at least `MIN_TRAINING_PRODUCT` multiply-adds computes its forward and
-    backward through oneDNN; anything else (small products, bf16, autocast, GPU tensors, tensor subclasses such as
-    DTensor or quantised weights) takes its ordinary path. Enter it
-    only where `onednn_available` says yes. The `small` shape's fp32 training step: 1.4-1.5x eagerly, 1.5x compiled
-    (bench/model_speed.py)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            x, weight, bias = _linear_arguments(*args, **kwargs)
-            if _trains_through_onednn(x, weight, bias):
-                return _OneDNNLinearFunction.apply(x, weight, bias)
-        return func(*args, **kwargs)
+def _training_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if _trains_through_onednn(x, self.weight, self.bias):
+        return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
+    return F.linear(x, self.weight, self.bias)
 
 
-def _linear_arguments(input, weight, bias=None):
-    return input, weight, bias
+@contextlib.contextmanager
+def onednn_training_linears(model: nn.Module) -> Iterator[int]:
+    """Inside the block, `model`'s plain fp32 `nn.Linear` layers on an x86 CPU (PEFT's LoRA layers' base and adapter
+    layers included) compute forward and backward through oneDNN, with their weights as they are, whenever autocast
+    is off and the product has at least `MIN_TRAINING_PRODUCT` multiply-adds; anything else (small products, bf16,
+    autocast) takes the ordinary path. The layers themselves are routed, not `F.linear` calls around them, so that
+    activation checkpointing's recomputation in the backward pass goes the same way. Yields how many layers it routed
+    (0 where `onednn_available` says no, or where an enclosing block already routes them). The `small` shape's fp32
+    training step: 1.4x eagerly, 1.7x compiled (bench/model_speed.py)."""
+    layers = _routable_linears(model)
+    for layer in layers:
+        layer.forward = types.MethodType(_training_forward, layer)
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 # Smallest product (rows x in x out multiply-adds) a training step sends to oneDNN: below it oneDNN's per-call
@@ -239,5 +247,6 @@ def _trains_through_onednn(input: torch.Tensor, weight: torch.Tensor, bias: torc
             and input.numel() * weight.shape[0] >= MIN_TRAINING_PRODUCT)
 
 
-__all__ = ["ENV_SWITCH", "MIN_TRAINING_PRODUCT", "OneDNNTrainingLinears", "last_level_cache_bytes", "onednn_available",
-           "onednn_linear", "onednn_linears", "onednn_speedup", "onednn_supported"]
+__all__ = ["ENV_SWITCH", "MIN_TRAINING_PRODUCT", "last_level_cache_bytes", "onednn_available",
+           "onednn_linear", "onednn_linears", "onednn_speedup", "onednn_supported",
+           "onednn_training_linears"]

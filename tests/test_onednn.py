@@ -10,8 +10,8 @@ from torch.profiler import ProfilerActivity, profile
 from hfgpt import HFGPTConfig, HFGPTForCausalLM
 from hfgpt.generation import generate
 from hfgpt import onednn
-from hfgpt.onednn import ENV_SWITCH, MIN_TRAINING_PRODUCT, OneDNNTrainingLinears, onednn_available, onednn_linears
-from hfgpt.onednn import onednn_supported
+from hfgpt.onednn import ENV_SWITCH, MIN_TRAINING_PRODUCT, onednn_available, onednn_linears, onednn_supported
+from hfgpt.onednn import onednn_training_linears
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(not onednn_supported(CPU)[0], reason=onednn_supported(CPU)[1])
@@ -172,7 +172,7 @@ def test_the_speedup_is_a_measured_ratio():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Training: forward and backward products through oneDNN (OneDNNTrainingLinears)
+# Training: forward and backward products through oneDNN (onednn_training_linears)
 
 
 @pytest.fixture
@@ -195,54 +195,94 @@ def test_training_products_match_f_linear_forward_and_backward(every_product, bi
         layer.zero_grad()
         with block:
             y = layer(x)
-        (y * upstream).sum().backward()
+            (y * upstream).sum().backward()
         return [y.detach(), x.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
 
     expected = grads(contextlib.nullcontext())
     got = []
-    calls = onednn_calls(lambda: got.extend(grads(OneDNNTrainingLinears())), ops=("hfgpt::onednn_linear",))
+    calls = onednn_calls(lambda: got.extend(grads(onednn_training_linears(layer))), ops=("hfgpt::onednn_linear",))
     assert calls == 2 + weight_trains  # forward, the input's gradient, the weight's when it trains
     assert len(got) == len(expected) == 2 + weight_trains + bias
     for ours, reference in zip(got, expected):
         torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    assert routed_layers(layer) == []
 
 
 def test_training_leaves_small_products_bf16_and_autocast_alone():
-    layer = torch.nn.Linear(64, 64)
-    x = torch.randn(4, 64)
-    with OneDNNTrainingLinears():
-        assert onednn_calls(lambda: layer(x)) == 0  # 16K multiply-adds: MKL is quicker
-        big = torch.nn.Linear(512, 512)
-        rows = torch.randn(MIN_TRAINING_PRODUCT // 512**2, 512)
+    small, big = torch.nn.Linear(64, 64), torch.nn.Linear(512, 512)
+    rows = torch.randn(MIN_TRAINING_PRODUCT // 512**2, 512)
+    model = torch.nn.ModuleDict({"small": small, "big": big})
+    with onednn_training_linears(model) as routed:
+        assert routed == 2
+        assert onednn_calls(lambda: small(torch.randn(4, 64))) == 0  # 16K multiply-adds: MKL is quicker
         assert onednn_calls(lambda: big(rows), ops=("hfgpt::onednn_linear",)) == 1
-        assert onednn_calls(lambda: big.to(torch.bfloat16)(rows.to(torch.bfloat16))) == 0
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert onednn_calls(lambda: big.float()(rows)) == 0
+            assert onednn_calls(lambda: big(rows)) == 0
+        with onednn_training_linears(model) as inner:
+            assert inner == 0 and len(routed_layers(model)) == 2  # an enclosing block's routing is left in place
+    with onednn_training_linears(model.to(torch.bfloat16)) as routed:
+        assert routed == 0
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_model_trains_the_same_through_onednn_with_and_without_activation_checkpointing(every_product, checkpointing):
+    """Activation checkpointing recomputes the forward pass during the backward one and requires it to save the same
+    tensors: the routed layers are routed in the recomputation too."""
+    model, reference = tiny_model().train(), tiny_model().train()
+    if checkpointing:
+        for m in (model, reference):
+            m.gradient_checkpointing_enable()
+    ids = torch.randint(1, 512, (2, 16))
+    with onednn_training_linears(model):
+        loss = model(ids, labels=ids).loss
+        calls = onednn_calls(loss.backward, ops=("hfgpt::onednn_linear",))
+    expected = reference(ids, labels=ids).loss
+    expected.backward()
+    layers = sum(type(module) is torch.nn.Linear for module in model.modules())
+    # the backward's two products per layer, and with checkpointing the blocks' forward products again
+    assert calls == 2 * layers + (layers - 1 if checkpointing else 0)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_lora_layers_train_through_onednn(every_product):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model().train(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    reference = get_peft_model(tiny_model().train(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    reference.load_state_dict(model.state_dict())
+    ids = torch.randint(1, 512, (2, 16))
+    with onednn_training_linears(model) as routed:
+        assert routed == sum(type(module) is torch.nn.Linear for module in model.modules())
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+    expected = reference(ids, labels=ids).loss
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    trained = [(ours, theirs) for ours, theirs in zip(model.parameters(), reference.parameters()) if ours.requires_grad]
+    assert trained and all(torch.allclose(ours.grad, theirs.grad, rtol=1e-4, atol=1e-6) for ours, theirs in trained)
 
 
 def test_a_compiled_training_step_goes_through_onednn_without_recompiling(every_product):
     from hfgpt.training.speed import compile_with_fallback
 
-    # torch 2.13's dynamo, after a trace that the model's own error ended (test_speed checks that case), retraces the
-    # same forward under a TorchFunctionMode wrongly (`tensor.device` comes back as a torch.Size): start clean
-    torch._dynamo.reset()
     model = tiny_model().train()
     reference = tiny_model().train()
     compile_with_fallback(model)
     ids = torch.randint(1, 512, (2, 16))
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, reference)]
     torch._dynamo.utils.counters.clear()
-    for step in range(3):
-        with OneDNNTrainingLinears():
+    with onednn_training_linears(model):
+        for step in range(3):
             loss = model(ids, labels=ids).loss
-        loss.backward()
-        expected = reference(ids, labels=ids).loss
-        expected.backward()
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad()
-        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
-    assert getattr(model, "hfgpt_compile_error", None) is None
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # a new mode object each step: no recompile
-    with OneDNNTrainingLinears():
+            loss.backward()
+            expected = reference(ids, labels=ids).loss
+            expected.backward()
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad()
+            torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
         assert onednn_calls(lambda: model(ids, labels=ids).loss.backward()) > 0
+    assert getattr(model, "hfgpt_compile_error", None) is None
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
