@@ -63,7 +63,8 @@ ENV_SWITCH = "HFGPT_ONEDNN"
 @functools.cache  # once per process: ~20 ms
 def onednn_speedup() -> float:
     """MKL's time over oneDNN's for an fp32 product of a prompt's size (256 x 384 by 384 x 1,536, the `small` shape's
-    MLP), best of 5 each, alternated, at the current thread count. 2.2x on the development CPU (AMD EPYC)."""
+    MLP), the best of 6 alternated rounds each (the first warms up), at the current thread count. 2.0-2.2x on the
+    development CPU (AMD EPYC)."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(256, 384, generator=generator)
     weight = torch.randn(1536, 384, generator=generator)
@@ -97,9 +98,9 @@ def onednn_available(device: torch.device) -> tuple[bool, str]:
     return True, f"oneDNN's fp32 products measured {speedup:.1f}x MKL's on this CPU"
 
 
-# The op compiled steps call. Registered through `torch.library.Library` rather than `torch.library.custom_op`, whose
-# Python wrapper costs 9-10 us a call against 2-4 us here (37 calls a decoding step at the `small` shape); inference
-# only, so no autograd formula.
+# The op that compiled steps and training call. Registered through `torch.library.Library` rather than
+# `torch.library.custom_op`, whose Python wrapper costs 9-10 us a call against 2-4 us here (37 calls a decoding step at
+# the `small` shape). It has no autograd formula of its own: training gets its gradients from `_OneDNNLinearFunction`.
 _LIBRARY = torch.library.Library("hfgpt", "DEF")
 _LIBRARY.define("onednn_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 
