@@ -286,3 +286,18 @@ def test_a_compiled_training_step_goes_through_onednn_without_recompiling(every_
         assert onednn_calls(lambda: model(ids, labels=ids).loss.backward()) > 0
     assert getattr(model, "hfgpt_compile_error", None) is None
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_hfgpts_trainers_route_the_policy_and_a_dpo_reference_model():
+    import types
+
+    from hfgpt.training.speed import SpeedMixin
+
+    trainer = types.SimpleNamespace(_onednn=True, model=tiny_model(), ref_model=tiny_model())
+    linears = sum(type(module) is torch.nn.Linear for module in trainer.model.modules())
+    with SpeedMixin._linear_kernels(trainer):
+        assert len(routed_layers(trainer.model)) == len(routed_layers(trainer.ref_model)) == linears
+    assert routed_layers(trainer.model) == routed_layers(trainer.ref_model) == []
+    trainer._onednn = False  # bf16 runs, or where MKL is as fast
+    with SpeedMixin._linear_kernels(trainer):
+        assert routed_layers(trainer.model) == []
