@@ -162,6 +162,18 @@ def _routable_linears(model: nn.Module) -> list[nn.Linear]:
 
 
 @contextlib.contextmanager
+def _forward_replaced(layers: list[nn.Linear], forward) -> Iterator[None]:
+    """`forward` bound to each of `layers` for the block; their own `forward` again after (also after an error)."""
+    for layer in layers:
+        layer.forward = types.MethodType(forward, layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+@contextlib.contextmanager
 def onednn_linears(model: nn.Module) -> Iterator[int]:
     """Inside the block, `model`'s fp32 `nn.Linear` layers on an x86 CPU compute through oneDNN with packed copies of
     their weights (see the module docstring); yields how many layers it routed (0 where `onednn_available` says no)."""
@@ -171,14 +183,14 @@ def onednn_linears(model: nn.Module) -> Iterator[int]:
     # 17 MB: 0.23 against 0.39 ms a step; `small`, 55 MB: 2.5 against 1.0 ms; bench/linear_kernels.py)
     one_row = sum(layer.weight.numel() * 4 for layer in layers) > last_level_cache_bytes()
     for layer in layers:
-        layer.forward = types.MethodType(_linear_forward, layer)
         layer._onednn_for_one_row = one_row
         _pack(layer)
     try:
-        yield len(layers)
+        with _forward_replaced(layers, _linear_forward):
+            yield len(layers)
     finally:
         for layer in layers:
-            del layer.forward, layer._packed, layer._packed_version, layer._onednn_for_one_row
+            del layer._packed, layer._packed_version, layer._onednn_for_one_row
 
 
 class _OneDNNLinearFunction(torch.autograd.Function):
@@ -224,13 +236,8 @@ def onednn_training_linears(model: nn.Module) -> Iterator[int]:
     (0 where `onednn_available` says no, or where an enclosing block already routes them). The `small` shape's fp32
     training step: 1.4x eagerly, 1.7x compiled (bench/model_speed.py)."""
     layers = _routable_linears(model)
-    for layer in layers:
-        layer.forward = types.MethodType(_training_forward, layer)
-    try:
+    with _forward_replaced(layers, _training_forward):
         yield len(layers)
-    finally:
-        for layer in layers:
-            del layer.forward
 
 
 # Smallest product (rows x in x out multiply-adds) a training step sends to oneDNN: below it oneDNN's per-call
